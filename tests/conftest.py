@@ -1,0 +1,56 @@
+"""Shared fixtures: the digits sample and the materialized zoo models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS_MODEL = REPO / "samples" / "digits" / "digits_cnn.onnx"
+DIGITS_DATA = REPO / "samples" / "digits" / "digits.npz"
+# Zoo models CI runs (they fit its time budget); `--zoo=all` runs every one.
+CI_ZOO = ("resnet50", "squeezenet")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--zoo", default="ci", help="zoo models to test: 'ci' (resnet50, squeezenet), 'all', "
+                     "'none', or a comma-separated list")
+
+
+def zoo_names(config) -> list[str]:
+    from onnxsparse.zoo import ZOO_MODELS
+
+    choice = config.getoption("--zoo")
+    if choice == "all":
+        return list(ZOO_MODELS)
+    if choice == "none":
+        return []
+    return list(CI_ZOO) if choice == "ci" else choice.split(",")
+
+
+def pytest_generate_tests(metafunc):
+    if "zoo_name" in metafunc.fixturenames:
+        metafunc.parametrize("zoo_name", zoo_names(metafunc.config))
+
+
+@pytest.fixture(scope="session")
+def zoo_path():
+    """Path of a materialized zoo model, made once per machine (cached outside git)."""
+    from onnxsparse.zoo import zoo_model_path
+
+    return zoo_model_path
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    import onnxsparse
+
+    return onnxsparse.load_model(DIGITS_MODEL)
+
+
+@pytest.fixture(scope="session")
+def digits_splits():
+    from onnxsparse.report.evaluate import load_splits
+
+    return load_splits(DIGITS_DATA)

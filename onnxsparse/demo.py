@@ -47,8 +47,8 @@ def run_demo(model_path: str | None, data_path: str | None, out_dir: Path, patte
     result = onnxsparse.prune_model(model, pattern, sparsity if fixed is None else None)
     pruned_path = out_dir / "digits_pruned.onnx"
     model_io.save_model(result.model, pruned_path)
-    print_prune_summary(result, f"2. prune --pattern {pattern} -> {pruned_path} "
-                                f"({time.perf_counter() - started:.2f} s)")
+    options = f"--pattern {pattern}" + (f" --sparsity {sparsity:g}" if fixed is None else "")
+    print_prune_summary(result, f"2. prune {options} -> {pruned_path} ({time.perf_counter() - started:.2f} s)")
     pruned = model_io.load_model(pruned_path)
     print_stats(onnxsparse.model_stats(pruned), title=f"3. stats of {pruned_path}")
     pruned_accuracy = top1_accuracy(pruned, splits.x_test, splits.y_test)

@@ -45,7 +45,8 @@ def load_model(path: str | os.PathLike, *, upgrade: bool = True) -> onnx.ModelPr
     if not model.graph.node:
         raise OnnxSparseError(f"{path}: not an ONNX model (no graph nodes); check the file")
     try:
-        onnx.checker.check_model(model)
+        # protobuf cannot hold 2 GB in one message: the checker reads large models from the file
+        onnx.checker.check_model(model if _fits_in_protobuf(model) else str(path))
     except Exception as exc:
         raise OnnxSparseError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
     if upgrade:
@@ -88,7 +89,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise UsageError(f"{path}: the folder {path.parent} does not exist")
-    external = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    external = not _fits_in_protobuf(model)
     data_name = path.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=".onnxsparse-", dir=path.parent))
     try:
@@ -132,6 +133,25 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker on an in-memory model; past protobuf's 2 GB only what fits is checked (node
+    and graph structure), since the checker cannot take such a message."""
+    if _fits_in_protobuf(model):
+        onnx.checker.check_model(model)
+        return
+    structure = onnx.ModelProto()
+    structure.CopyFrom(model)
+    graph = structure.graph
+    graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, init.dims)
+                       for init in graph.initializer)  # same names, types and shapes, no bytes
+    del graph.initializer[:]
+    onnx.checker.check_model(structure)
+
+
+def _fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    return _weight_bytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:

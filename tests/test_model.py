@@ -395,3 +395,14 @@ def test_save_model_past_the_threshold_writes_external_data_that_loads_back_equa
     assert (tmp_path / "big.onnx").stat().st_size < 16 * 8 * 9 * 4
     assert stored_tensors(model.load_model(tmp_path / "big.onnx")) == expected
     assert stored_tensors(onnx_model) == expected  # the in-memory model keeps its weights
+
+
+def test_check_model_past_the_protobuf_limit_checks_structure_without_the_bytes(monkeypatch):
+    big = make_model([helper.make_node("Conv", ["X", "W"], ["Y"])], {"X": [1, 3, 5, 5]}, {"Y": [1, 4, 3, 3]},
+                     [numpy_helper.from_array(conv_weight(), "W")])
+    monkeypatch.setattr(model, "EXTERNAL_DATA_THRESHOLD_BYTES", 16)
+    model.check_model(big)  # passes on structure
+    assert numpy_helper.to_array(big.graph.initializer[0]).shape == (4, 3, 3, 3)  # caller's model untouched
+    big.graph.node[0].input[1] = "missing"
+    with pytest.raises(onnx.checker.ValidationError):
+        model.check_model(big)

@@ -121,7 +121,7 @@ def prune_model(
             on_layer(plan.ref.node_name)
         results.append(_apply(pruned, plan, seed))
     model_io.remove_unused(pruned)
-    onnx.checker.check_model(pruned)
+    model_io.check_model(pruned)
     return PruneResult(pruned, tuple(results))
 
 

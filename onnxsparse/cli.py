@@ -15,6 +15,7 @@ from rich.table import Table
 import onnxsparse
 from onnxsparse import model as model_io
 from onnxsparse.errors import OnnxSparseError, UsageError
+from onnxsparse.quant.observers import METHODS
 from onnxsparse.sparsity.criteria import CRITERIA
 
 # Piped output gets a wide fixed width so tables are not squeezed into 80 columns.
@@ -166,9 +167,10 @@ def print_prune_summary(result: onnxsparse.PruneResult, title: str) -> None:
 
 
 class _progress:
-    """A transient progress bar on stderr, advanced once per layer."""
+    """A transient progress bar on stderr: per layer (called with its name) or per sample count."""
 
-    def __init__(self, what: str, total: int, enabled: bool = True):
+    def __init__(self, what: str, total: int, enabled: bool = True, unit: str = "layers"):
+        self.unit = unit
         self.bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                             TimeElapsedColumn(), console=stderr, transient=True,
                             disable=not enabled or not stderr.is_terminal)
@@ -176,10 +178,157 @@ class _progress:
 
     def __enter__(self):
         self.bar.start()
-        return lambda name: self.bar.update(self.task, advance=1, description=name)
+        if self.unit == "layers":
+            return lambda name: self.bar.update(self.task, advance=1, description=name)
+        return lambda done: self.bar.update(self.task, completed=done)
 
     def __exit__(self, *exc_info):
         self.bar.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize and run
+# ---------------------------------------------------------------------------------------------
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"{text!r}: give comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise UsageError(f"--resize {text!r}: give HEIGHTxWIDTH, e.g. 224x224")
+    return int(parts[0]), int(parts[1])
+
+
+@cli.command()
+@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False))
+@click.option("--calib", "calibration", required=True, metavar="DATA",
+              help="Calibration samples: an .npz (arrays keyed by input name, samples first; `labels` "
+              "allowed) or a folder of images (see --resize, --mean, --std, --layout).")
+@click.option("--weight-bits", type=int, default=8, show_default=True, help="2 to 8.")
+@click.option("--act-bits", type=int, default=8, show_default=True, help="8 or 4.")
+@click.option("--method", type=click.Choice(METHODS), default="percentile", show_default=True,
+              help="How activation ranges are chosen from the calibration data.")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
+@click.option("--symmetric-activations", is_flag=True, help="int8 activations with zero point 0 (default: uint8 asymmetric).")
+@click.option("--fixed-point", is_flag=True, help="Power-of-two scales, per tensor, symmetric (the MCBBS accelerator's scheme).")
+@click.option("--integer", is_flag=True, help="Write the integer-only form (QLinearConv, ...; docs/ARITHMETIC.md) "
+              "instead of QDQ.")
+@click.option("--bias-correction/--no-bias-correction", default=None,
+              help="Correct each layer's bias for the mean error of its quantized weights "
+              "(default: on below 8-bit weights).")
+@click.option("--exclude", metavar="REGEX", help="Keep layers whose node or weight name matches in float.")
+@click.option("--keep-first-float", is_flag=True, help="Keep the first weight-bearing layer in float.")
+@click.option("--keep-last-float", is_flag=True, help="Keep the last weight-bearing layer in float.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration batch size.")
+@click.option("--resize", metavar="HxW", help="Images: resize to this size (default: the model's input size).")
+@click.option("--mean", metavar="M[,M,M]", help="Images: per-channel mean subtracted after scaling to [0, 1].")
+@click.option("--std", metavar="S[,S,S]", help="Images: per-channel standard deviation divided by.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Images: the model's input layout (default NCHW).")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer summary as JSON.")
+def quantize(input_path, output_path, calibration, weight_bits, act_bits, method, per_tensor, symmetric_activations,
+             fixed_point, integer, bias_correction, exclude, keep_first_float, keep_last_float, batch_size, resize,
+             mean, std, layout, as_json) -> None:
+    """Quantize IN to integers with calibration data and write OUT (QDQ by default).
+
+    Weights are symmetric (zero stays zero, so pruned patterns survive), per output channel,
+    2-8 bits; activations 8 or 4 bits. The QDQ model runs in stock onnxruntime.
+
+    \b
+    Examples:
+      onnxsparse quantize model.onnx model_int8.onnx --calib samples/digits/digits_train.npz
+      onnxsparse quantize model.onnx w4.onnx --calib train.npz --weight-bits 4 --method mse
+      onnxsparse quantize model.onnx int.onnx --calib images/ --resize 224x224 \\
+          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --integer
+    """
+    from onnxsparse.quant.calibration import model_input_specs, open_calibration
+    from onnxsparse.quant.quantize import QuantizeOptions, quantize_model
+
+    if model_io.same_file(input_path, output_path):
+        raise UsageError(f"{output_path}: output is the input file; write the quantized model to another path")
+    options = QuantizeOptions(weight_bits=weight_bits, activation_bits=act_bits, method=method,
+                              per_channel=not per_tensor, symmetric_activations=symmetric_activations,
+                              fixed_point=fixed_point, bias_correction=bias_correction, exclude=exclude,
+                              keep_first_float=keep_first_float, keep_last_float=keep_last_float,
+                              batch_size=batch_size, integer=integer).checked()
+    model = model_io.load_model(input_path)
+    image_options = {key: value for key, value in (("resize", _size(resize)), ("mean", _floats(mean)),
+                                                    ("std", _floats(std)), ("layout", layout)) if value is not None}
+    data = open_calibration(calibration, model_input_specs(model), **image_options)
+    started = time.perf_counter()
+    with _progress("calibrating", data.sample_count, enabled=not as_json, unit="samples") as advance:
+        result = quantize_model(model, data, options, on_progress=advance)
+    model_io.save_model(result.model, output_path)
+    elapsed = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps({"input": input_path, "output": output_path, "tensors": result.tensors,
+                               "folded_batch_norms": result.folded_batch_norms,
+                               "calibration_samples": result.calibration_samples, "notes": list(result.notes),
+                               "layers": [layer.__dict__ for layer in result.layers]}, indent=2, default=float))
+        return
+    table = Table(title=f"{input_path} -> {output_path}", title_justify="left")
+    for header in ("layer", "op", "weight bits", "per channel", "sparsity before", "after"):
+        table.add_column(header, justify="left" if header in ("layer", "op") else "right")
+    for layer in result.layers:
+        table.add_row(layer.node_name, layer.op_type, str(layer.weight_bits), "yes" if layer.per_channel else "no",
+                      _percent(layer.sparsity_before), _percent(layer.sparsity_after))
+    stdout.print(table)
+    for note in result.notes:
+        stdout.print(f"note: {note}")
+    form = "integer-only" if integer else "QDQ"
+    stdout.print(f"{form} model: {len(result.layers)} layers, {result.tensors} activation tensors quantized, "
+                 f"{result.folded_batch_norms} batch norms folded, {result.calibration_samples} calibration "
+                 f"samples ({method}); wrote {output_path} in {elapsed:.1f} s")
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
+              help=".npy (single-input models) or .npz keyed by input name.")
+@click.option("--random", "random_input", is_flag=True, help="Seeded random inputs of the model's input shapes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
+@click.option("--runtime", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
+              help="ort: onnxruntime; reference: the exact integer executor (integer-form models).")
+def run(model_path, input_path, random_input, seed, output_path, runtime) -> None:
+    """Run MODEL on inputs and print (or save) its outputs.
+
+    \b
+    Examples:
+      onnxsparse run model.onnx --random
+      onnxsparse run int.onnx --input x.npz --runtime reference --output y.npz
+    """
+    from onnxsparse.runner import load_inputs, random_inputs, run_model
+
+    if (input_path is None) == (not random_input):
+        raise UsageError("give exactly one of --input FILE and --random")
+    model = model_io.load_model(model_path)
+    feeds = random_inputs(model, seed) if random_input else load_inputs(model, input_path)
+    outputs = run_model(model, feeds, runtime)
+    if output_path:
+        import numpy as np
+
+        staging = Path(output_path).with_name(Path(output_path).name + ".tmp.npz")
+        np.savez(staging, **outputs)
+        staging.replace(output_path)
+    table = Table(title=f"{model_path} ({runtime})", title_justify="left")
+    for header in ("output", "shape", "dtype", "min", "max", "argmax (first sample)"):
+        table.add_column(header)
+    for name, value in outputs.items():
+        flat = value.reshape(len(value), -1) if value.ndim > 1 else value.reshape(1, -1)
+        table.add_row(name, "x".join(map(str, value.shape)), str(value.dtype), f"{value.min():.6g}",
+                      f"{value.max():.6g}", str(int(flat[0].argmax())) if flat.size else "-")
+    stdout.print(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,11 +360,14 @@ def zoo(names, seed, directory) -> None:
 
 @cli.command()
 @click.option("--model", "model_path", type=click.Path(dir_okay=False), help="Default: samples/digits/digits_cnn.onnx.")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="Default: samples/digits/digits.npz.")
+@click.option("--train", "train_path", type=click.Path(dir_okay=False),
+              help="Calibration data. Default: samples/digits/digits_train.npz.")
+@click.option("--test", "test_path", type=click.Path(dir_okay=False),
+              help="Held-out data for accuracy. Default: samples/digits/digits_test.npz.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="out/demo", show_default=True)
 @click.option("-p", "--pattern", default="unstructured", show_default=True)
 @click.option("-s", "--sparsity", type=float, default=0.5, show_default=True)
-def demo(model_path, data_path, out_dir, pattern, sparsity) -> None:
+def demo(model_path, train_path, test_path, out_dir, pattern, sparsity) -> None:
     """The whole pipeline on the bundled digits sample, with a report.
 
     \b
@@ -224,7 +376,7 @@ def demo(model_path, data_path, out_dir, pattern, sparsity) -> None:
     """
     from onnxsparse.demo import run_demo
 
-    run_demo(model_path, data_path, Path(out_dir), pattern, sparsity, stdout)
+    run_demo(model_path, train_path, test_path, Path(out_dir), pattern, sparsity, stdout)
 
 
 # ---------------------------------------------------------------------------------------------

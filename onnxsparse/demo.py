@@ -15,32 +15,33 @@ from rich.table import Table
 import onnxsparse
 from onnxsparse import model as model_io
 from onnxsparse.errors import UsageError
-from onnxsparse.report.evaluate import load_splits, top1_accuracy
+from onnxsparse.report.evaluate import load_labelled, top1_accuracy
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "samples" / "digits"
 SWEEP_PATTERNS = ("unstructured", "2:4", "1x16", "bank:16", "mcbbs:c2r4", "kernel", "filter", "channel")
 SWEEP_SPARSITIES = (0.5, 0.75)
 
 
-def run_demo(model_path: str | None, data_path: str | None, out_dir: Path, pattern: str, sparsity: float,
-             console: Console) -> None:
+def run_demo(model_path: str | None, train_path: str | None, test_path: str | None, out_dir: Path, pattern: str,
+             sparsity: float, console: Console) -> None:
     from onnxsparse.cli import print_prune_summary, print_stats
 
     model_path = Path(model_path) if model_path else SAMPLE_DIR / "digits_cnn.onnx"
-    data_path = Path(data_path) if data_path else SAMPLE_DIR / "digits.npz"
-    for path in (model_path, data_path):
+    train_path = Path(train_path) if train_path else SAMPLE_DIR / "digits_train.npz"
+    test_path = Path(test_path) if test_path else SAMPLE_DIR / "digits_test.npz"
+    for path in (model_path, train_path, test_path):
         if not path.is_file():
             raise UsageError(f"{path}: not found; run the demo from a checkout of the repository or pass "
-                             "--model and --data")
+                             "--model, --train and --test")
     out_dir.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(data_path)
+    heldout = load_labelled(test_path)
     console.rule("[bold]onnxsparse demo: digits CNN (scikit-learn 8x8 digits)")
-    console.print(f"model {model_path}; held-out split: {len(splits.y_test)} images "
-                  f"(training split {len(splits.y_train)} images is not used for any figure below)")
+    console.print(f"model {model_path}; accuracy on the held-out split {test_path} ({len(heldout.labels)} images); "
+                  f"calibration uses only {train_path}")
 
     model = model_io.load_model(model_path)
     print_stats(onnxsparse.model_stats(model), title="1. stats of the float model")
-    float_accuracy = top1_accuracy(model, splits.x_test, splits.y_test)
+    float_accuracy = top1_accuracy(model, heldout.inputs, heldout.labels)
 
     started = time.perf_counter()
     fixed = onnxsparse.parse_pattern(pattern).fixed_sparsity  # N:M sets its own sparsity
@@ -51,7 +52,7 @@ def run_demo(model_path: str | None, data_path: str | None, out_dir: Path, patte
     print_prune_summary(result, f"2. prune {options} -> {pruned_path} ({time.perf_counter() - started:.2f} s)")
     pruned = model_io.load_model(pruned_path)
     print_stats(onnxsparse.model_stats(pruned), title=f"3. stats of {pruned_path}")
-    pruned_accuracy = top1_accuracy(pruned, splits.x_test, splits.y_test)
+    pruned_accuracy = top1_accuracy(pruned, heldout.inputs, heldout.labels)
 
     sweep = Table(title="4. held-out top-1 by pattern, no fine-tuning (first conv kept dense)", title_justify="left")
     sweep.add_column("pattern")
@@ -65,7 +66,7 @@ def run_demo(model_path: str | None, data_path: str | None, out_dir: Path, patte
                 row.append("-")
                 continue
             swept = onnxsparse.prune(model, spec, level)
-            row.append(f"{100 * top1_accuracy(swept, splits.x_test, splits.y_test):.1f}%")
+            row.append(f"{100 * top1_accuracy(swept, heldout.inputs, heldout.labels):.1f}%")
         sweep.add_row(spec, *row)
     console.print(sweep)
 

@@ -282,7 +282,7 @@ class _Step:
             return ((value.astype(np.int32) - self.zero_point.astype(np.int32)) * self.scale).astype(output_dtype)
         if self.op_type == "Transpose":
             return value.transpose(self.perm)
-        return value.astype(output_dtype)  # Identity, Cast (Reshape reshapes in _Graph.resolve)
+        return value.astype(output_dtype)  # Identity, Cast (Reshape reshapes in GraphIndex.resolve)
 
     def inverse(self, value: np.ndarray) -> np.ndarray:
         if self.op_type == "DequantizeLinear":
@@ -324,7 +324,7 @@ class WeightRef:
         return any(step.op_type == "DequantizeLinear" for step in self.chain)
 
 
-class _Graph:
+class GraphIndex:
     """Lookups over one graph: producers, consumers, initializers."""
 
     def __init__(self, model: onnx.ModelProto):
@@ -444,7 +444,7 @@ def display_name(node: onnx.NodeProto) -> str:
 
 def find_weights(model: onnx.ModelProto) -> list[WeightRef]:
     """Every weight-bearing node with a constant weight, in graph order."""
-    lookups = _Graph(model)
+    lookups = GraphIndex(model)
     refs = []
     for index, node in enumerate(model.graph.node):
         ref = _weight_ref(lookups, index, node)
@@ -453,7 +453,7 @@ def find_weights(model: onnx.ModelProto) -> list[WeightRef]:
     return refs
 
 
-def _weight_ref(lookups: _Graph, index: int, node: onnx.NodeProto) -> WeightRef | None:
+def _weight_ref(lookups: GraphIndex, index: int, node: onnx.NodeProto) -> WeightRef | None:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     candidates: list[tuple[int, str, int]] = []  # (input index, layout kind, groups)
     if node.op_type == "Conv" and len(node.input) > 1:
@@ -491,7 +491,7 @@ def _weight_ref(lookups: _Graph, index: int, node: onnx.NodeProto) -> WeightRef 
 
 def read_weight(model: onnx.ModelProto, ref: WeightRef) -> np.ndarray:
     """The weight as the node consumes it, in ONNX layout."""
-    resolved = _Graph(model).resolve(ref.tensor_name)
+    resolved = GraphIndex(model).resolve(ref.tensor_name)
     if resolved is None:
         raise OnnxSparseError(f"node {ref.node_name}: weight {ref.tensor_name} is no longer constant")
     return resolved[0]
@@ -510,7 +510,7 @@ def write_matrix(model: onnx.ModelProto, ref: WeightRef, matrix: np.ndarray) -> 
     nodes, or cannot hold values (ConstantOfShape), the weight gets an initializer of its own.
     """
     weight = ref.layout.from_matrix(np.asarray(matrix)).astype(ref.dtype, copy=False)
-    lookups = _Graph(model)
+    lookups = GraphIndex(model)
     shared = any(lookups.uses(model.graph.node[step.node_index].output[0]) > 1 for step in ref.chain)
     stored_name = ref.source.name
     if shared or lookups.uses(stored_name) > 1 or ref.source.kind == "constant_of_shape":
@@ -530,16 +530,16 @@ def write_matrix(model: onnx.ModelProto, ref: WeightRef, matrix: np.ndarray) -> 
         node.attribute.extend(attrs + [helper.make_attribute("value", numpy_helper.from_array(value))])
 
 
-def _own_initializer(model: onnx.ModelProto, lookups: _Graph, ref: WeightRef, weight: np.ndarray) -> None:
+def _own_initializer(model: onnx.ModelProto, lookups: GraphIndex, ref: WeightRef, weight: np.ndarray) -> None:
     """Give the node its weight as a fresh initializer; drop producers nothing uses any more."""
     node = model.graph.node[ref.node_index]
-    new_name = _unique_name(lookups, f"{ref.tensor_name}_pruned")
+    new_name = unique_name(lookups, f"{ref.tensor_name}_pruned")
     model.graph.initializer.append(numpy_helper.from_array(weight, new_name))
     node.input[ref.input_index] = new_name
     remove_unused(model)
 
 
-def _unique_name(lookups: _Graph, base: str) -> str:
+def unique_name(lookups: GraphIndex, base: str) -> str:
     name, counter = base, 1
     while name in lookups.initializers or name in lookups.producer or name in lookups.consumers:
         name, counter = f"{base}_{counter}", counter + 1

@@ -8,7 +8,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = REPO / "samples" / "digits" / "digits_cnn.onnx"
-DIGITS_DATA = REPO / "samples" / "digits" / "digits.npz"
+DIGITS_TRAIN = REPO / "samples" / "digits" / "digits_train.npz"
+DIGITS_TEST = REPO / "samples" / "digits" / "digits_test.npz"
 # Zoo models CI runs (they fit its time budget); `--zoo=all` runs every one.
 CI_ZOO = ("resnet50", "squeezenet")
 
@@ -50,7 +51,7 @@ def digits_model():
 
 
 @pytest.fixture(scope="session")
-def digits_splits():
-    from onnxsparse.report.evaluate import load_splits
+def digits_test():
+    from onnxsparse.report.evaluate import load_labelled
 
-    return load_splits(DIGITS_DATA)
+    return load_labelled(DIGITS_TEST)

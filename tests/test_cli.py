@@ -15,7 +15,7 @@ from onnx import helper
 import onnxsparse
 from onnxsparse.cli import main
 from onnxsparse.validation import load_schema
-from conftest import DIGITS_DATA, DIGITS_MODEL
+from conftest import DIGITS_MODEL, DIGITS_TEST, DIGITS_TRAIN
 from test_prune import conv_net
 
 
@@ -139,7 +139,8 @@ def test_console_script_exit_status_and_debug_traceback(tmp_path):
 
 
 def test_demo_reports_accuracy_before_and_after(capsys, tmp_path):
-    code, stdout, _ = run_cli(capsys, "demo", "--out-dir", tmp_path, "--model", DIGITS_MODEL, "--data", DIGITS_DATA)
+    code, stdout, _ = run_cli(capsys, "demo", "--out-dir", tmp_path, "--model", DIGITS_MODEL, "--train", DIGITS_TRAIN,
+                              "--test", DIGITS_TEST)
     assert code == 0
     assert "float model" in stdout and "held-out top-1" in stdout and "mcbbs:c2r4" in stdout
     assert (tmp_path / "digits_pruned.onnx").is_file()

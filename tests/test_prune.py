@@ -213,17 +213,17 @@ def test_pruning_a_quantized_weight_zeroes_its_integers():
 
 
 @pytest.mark.parametrize("spec,sparsity", ALL_PATTERNS)
-def test_every_pattern_on_the_digits_model_is_exact_valid_and_runs(digits_model, digits_splits, spec, sparsity):
+def test_every_pattern_on_the_digits_model_is_exact_valid_and_runs(digits_model, digits_test, spec, sparsity):
     result = onnxsparse.prune_model(digits_model, spec, sparsity, include=".*")
     onnx.checker.check_model(result.model, full_check=True)
     session = model_io.onnxruntime_session(result.model)
-    logits = session.run(None, {"input": digits_splits.x_test[:8]})[0]
+    logits = session.run(None, {"input": digits_test.inputs[:8]})[0]
     assert logits.shape == (8, 10) and np.isfinite(logits).all()
     assert check_pruned_layers(result) >= 5
 
 
-def test_sparsity_zero_on_the_digits_model_leaves_outputs_bit_identical(digits_model, digits_splits):
+def test_sparsity_zero_on_the_digits_model_leaves_outputs_bit_identical(digits_model, digits_test):
     pruned = onnxsparse.prune(digits_model, "unstructured", 0.0, include=".*")
-    dense = model_io.onnxruntime_session(digits_model).run(None, {"input": digits_splits.x_test})[0]
-    after = model_io.onnxruntime_session(pruned).run(None, {"input": digits_splits.x_test})[0]
+    dense = model_io.onnxruntime_session(digits_model).run(None, {"input": digits_test.inputs})[0]
+    after = model_io.onnxruntime_session(pruned).run(None, {"input": digits_test.inputs})[0]
     assert np.array_equal(dense, after)

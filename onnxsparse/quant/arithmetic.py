@@ -79,6 +79,18 @@ def requantize_multiplier(input_scale: np.ndarray | float, weight_scale: np.ndar
     return fixed_point_multiplier(real)
 
 
+def rescale_multiplier(input_scale: np.ndarray | float, output_scale: np.ndarray | float) -> FixedPointMultiplier:
+    """M = s_in / s_out (a Concat input on another grid), in float64 from the float32 scales."""
+    return fixed_point_multiplier(np.float64(input_scale) / np.float64(output_scale))
+
+
+def average_multiplier(input_scale: np.ndarray | float, output_scale: np.ndarray | float,
+                       counts: np.ndarray | int) -> FixedPointMultiplier:
+    """M = s_x / (s_y * n) for an average over n elements, in float64 in exactly this order."""
+    return fixed_point_multiplier(np.float64(input_scale) /
+                                  (np.float64(output_scale) * np.asarray(counts, dtype=np.float64)))
+
+
 def saturate(values: np.ndarray, low: int, high: int, dtype) -> np.ndarray:
     return np.clip(values, low, high).astype(dtype)
 

@@ -13,24 +13,24 @@ from onnxsparse.model import onnxruntime_session
 
 
 @dataclass(frozen=True)
-class LabelledSplits:
-    """The digits sample's fixed split: train (for calibration/training) and held-out test."""
+class LabelledData:
+    """Samples of a single-input classifier and their labels (an .npz with the input and `labels`)."""
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    inputs: np.ndarray
+    labels: np.ndarray
 
 
-def load_splits(path: str | Path) -> LabelledSplits:
+def load_labelled(path: str | Path) -> LabelledData:
     path = Path(path)
     try:
         with np.load(path) as data:
-            return LabelledSplits(*(data[key] for key in ("x_train", "y_train", "x_test", "y_test")))
+            arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: cannot read the data ({exc})") from exc
-    except KeyError as exc:
-        raise UsageError(f"{path}: needs arrays x_train, y_train, x_test, y_test; {exc} is missing") from exc
+    inputs = [key for key in arrays if key != "labels"]
+    if "labels" not in arrays or len(inputs) != 1:
+        raise UsageError(f"{path}: needs one input array and a `labels` array; it has {', '.join(arrays) or 'none'}")
+    return LabelledData(arrays[inputs[0]], arrays["labels"])
 
 
 def top1_accuracy(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:

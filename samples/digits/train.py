@@ -123,8 +123,8 @@ Files (all made by `train.py`; do not edit by hand):
   (no external data), BatchNormalization kept as separate nodes. Input `input`
   float32 `[batch, 1, 8, 8]` (pixels / 16, in [0, 1]); output `logits` `[batch, 10]`
   (no softmax).
-- `digits.npz`: `x_train` float32 (1197, 1, 8, 8), `y_train` int64 (1197,),
-  `x_test` float32 (600, 1, 8, 8), `y_test` int64 (600,).
+- `digits_train.npz` and `digits_test.npz`: `input` float32 (1197 | 600, 1, 8, 8) and
+  `labels` int64, keyed as `onnxsparse quantize --calib` expects (graph input name + labels).
 
 ## Regenerate
 
@@ -179,8 +179,9 @@ def main():
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     x_train, x_test, y_train, y_test = load_split()
-    np.savez(args.out_dir / "digits.npz", x_train=x_train, y_train=y_train,
-             x_test=x_test, y_test=y_test)
+    # keyed by the model's input name, with labels: the calibration-data layout of `onnxsparse quantize`
+    np.savez_compressed(args.out_dir / "digits_train.npz", input=x_train, labels=y_train)
+    np.savez_compressed(args.out_dir / "digits_test.npz", input=x_test, labels=y_test)
     model = train(x_train, y_train, args.epochs)
     onnx_path = args.out_dir / "digits_cnn.onnx"
     proto = export_onnx(model, onnx_path)

@@ -113,10 +113,51 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
+# Integer operators whose output shape is that of a float twin: (twin, data inputs, attributes kept).
+_FLOAT_TWINS = {
+    "QLinearConv": ("Conv", (0, 3, 8), None),
+    "QLinearMatMul": ("MatMul", (0, 3), None),
+    "QGemm": ("Gemm", (0, 3, 6), ("transA", "transB", "alpha")),
+    "QLinearAdd": ("Add", (0, 3), ()),
+    "QLinearGlobalAveragePool": ("GlobalAveragePool", (0,), ()),
+    "QLinearAveragePool": ("AveragePool", (0,), ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape",
+                                                  "pads", "strides")),
+}
+
+
+def _shape_twin(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each integer operator replaced by its float twin on float-cast inputs: the
+    same output shapes, in a form onnx's shape inference knows (it has no com.microsoft ops)."""
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    nodes = []
+    for node in twin.graph.node:
+        if node.op_type == "QLinearConcat":
+            op_type, positions, kept = "Concat", tuple(range(2, len(node.input), 3)), ("axis",)
+        elif node.op_type in _FLOAT_TWINS:
+            op_type, positions, kept = _FLOAT_TWINS[node.op_type]
+        else:
+            nodes.append(node)
+            continue
+        inputs = []
+        for position in positions:
+            if position < len(node.input) and node.input[position]:
+                cast = f"{node.input[position]}__as_float_{len(nodes)}"
+                nodes.append(helper.make_node("Cast", [node.input[position]], [cast], to=onnx.TensorProto.FLOAT))
+                inputs.append(cast)
+        attributes = [a for a in node.attribute if kept is None or a.name in kept]
+        replacement = helper.make_node(op_type, inputs, list(node.output[:1]))
+        replacement.attribute.extend(attributes)
+        nodes.append(replacement)
+    del twin.graph.node[:]
+    twin.graph.node.extend(nodes)
+    return twin
+
+
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
     """Shapes of every tensor at batch 1: symbolic or unknown dimensions count as 1."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_shape_twin(model), data_prop=True)
     except Exception:
         inferred = model
     shapes: dict[str, tuple[int, ...] | None] = {}
@@ -442,6 +483,11 @@ def display_name(node: onnx.NodeProto) -> str:
     return node.name or (node.output[0] if node.output else node.op_type)
 
 
+# Weight-bearing ops: float (Conv, ConvTranspose, Gemm, MatMul) and their integer forms.
+WEIGHT_BEARING_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "ConvInteger", "QLinearMatMul",
+                      "MatMulInteger", "QGemm")
+
+
 def find_weights(model: onnx.ModelProto) -> list[WeightRef]:
     """Every weight-bearing node with a constant weight, in graph order."""
     lookups = GraphIndex(model)
@@ -465,6 +511,16 @@ def _weight_ref(lookups: GraphIndex, index: int, node: onnx.NodeProto) -> Weight
                       (0, "cols" if attrs.get("transA", 0) else "rows", 1)]
     elif node.op_type == "MatMul":
         candidates = [(1, "cols", 1), (0, "rows", 1)]
+    elif node.op_type == "QLinearConv":  # x, x_scale, x_zp, w, ...
+        candidates = [(3, "conv", attrs.get("group", 1))]
+    elif node.op_type == "ConvInteger":
+        candidates = [(1, "conv", attrs.get("group", 1))]
+    elif node.op_type == "QLinearMatMul":
+        candidates = [(3, "cols", 1)]
+    elif node.op_type == "MatMulInteger":
+        candidates = [(1, "cols", 1)]
+    elif node.op_type == "QGemm":  # com.microsoft: A, a_scale, a_zp, B, ...
+        candidates = [(3, "rows" if attrs.get("transB", 0) else "cols", 1)]
     for input_index, kind, groups in candidates:
         name = node.input[input_index]
         resolved = lookups.resolve(name)
@@ -475,7 +531,7 @@ def _weight_ref(lookups: GraphIndex, index: int, node: onnx.NodeProto) -> Weight
             continue
         if kind in ("conv", "conv_transpose") and value.ndim < 3:
             continue
-        if not np.issubdtype(value.dtype, np.floating):
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
             continue
         data_input = node.input[1 - input_index] if node.op_type in ("Gemm", "MatMul") else node.input[0]
         return WeightRef(

@@ -64,7 +64,7 @@ def test_stats_table_names_layers_and_patterns(capsys, tmp_path):
     assert code == 0 and "mcbbs:c2r4" in stdout and "total (4 layers)" in stdout
 
 
-@pytest.mark.parametrize("command", ["prune", "stats", "zoo", "demo"])
+@pytest.mark.parametrize("command", ["prune", "stats", "quantize", "run", "zoo", "demo"])
 def test_help_shows_an_example(capsys, command):
     code, stdout, _ = run_cli(capsys, command, "--help")
     assert code == 0 and "Example" in stdout and "onnxsparse " + command in stdout
@@ -146,3 +146,49 @@ def test_demo_reports_accuracy_before_and_after(capsys, tmp_path):
     assert (tmp_path / "digits_pruned.onnx").is_file()
     pruned = onnxsparse.load_model(tmp_path / "digits_pruned.onnx")
     assert np.isclose(onnxsparse.model_stats(pruned).sparsity, 0.5, atol=0.1)
+
+
+def test_quantize_writes_a_model_that_run_executes_with_both_runtimes(capsys, tmp_path):
+    out = tmp_path / "int.onnx"
+    code, stdout, _ = run_cli(capsys, "quantize", DIGITS_MODEL, out, "--calib", DIGITS_TRAIN, "--integer",
+                              "--weight-bits", "7")
+    assert code == 0 and "integer-only model" in stdout and "5 batch norms folded" in stdout
+    inputs = tmp_path / "x.npz"
+    np.savez(inputs, input=np.load(DIGITS_TEST)["input"][:16])
+    outputs = {}
+    for runtime in ("ort", "reference"):
+        target = tmp_path / f"{runtime}.npz"
+        code, stdout, _ = run_cli(capsys, "run", out, "--input", inputs, "--runtime", runtime, "--output", target)
+        assert code == 0 and "logits" in stdout
+        outputs[runtime] = np.load(target)["logits"]
+    assert outputs["ort"].shape == (16, 10)
+    assert (outputs["ort"].argmax(1) == outputs["reference"].argmax(1)).all()
+
+
+def test_quantize_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
+    empty_folder = tmp_path / "images"
+    empty_folder.mkdir()
+    quantized_model = tmp_path / "q.onnx"
+    assert main(["quantize", str(DIGITS_MODEL), str(quantized_model), "--calib", str(DIGITS_TRAIN)]) == 0
+    capsys.readouterr()
+    cases = [
+        (["--calib", DIGITS_TRAIN, "--weight-bits", "9"], 2, "weight bits must be 2-8"),
+        (["--calib", DIGITS_TRAIN, "--act-bits", "6"], 2, "activation bits must be 4 or 8"),
+        (["--calib", empty_folder], 2, "no images"),
+        (["--calib", tmp_path / "missing.npz"], 2, "no such file"),
+    ]
+    for arguments, status, text in cases:
+        out = tmp_path / "out" / "q.onnx"
+        out.parent.mkdir(exist_ok=True)
+        code, _, stderr = run_cli(capsys, "quantize", DIGITS_MODEL, out, *arguments)
+        assert (code, text in stderr, len(stderr.strip().splitlines())) == (status, True, 1), stderr
+        assert not list(out.parent.iterdir())
+    code, _, stderr = run_cli(capsys, "quantize", quantized_model, tmp_path / "out" / "qq.onnx", "--calib", DIGITS_TRAIN)
+    assert code == 1 and "already quantized" in stderr
+
+
+def test_run_needs_exactly_one_input_source(capsys):
+    code, _, stderr = run_cli(capsys, "run", DIGITS_MODEL)
+    assert code == 2 and "exactly one of --input" in stderr
+    code, stdout, _ = run_cli(capsys, "run", DIGITS_MODEL, "--random")
+    assert code == 0 and "1x10" in stdout

@@ -257,3 +257,16 @@ def test_zoo_model_quantizes_and_runs_in_onnxruntime(zoo_path, zoo_name):
     feeds = {name: rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
     dense = model_io.onnxruntime_session(model).run(None, feeds)[0]
     assert model_io.onnxruntime_session(qdq).run(None, feeds)[0].shape == dense.shape
+
+
+def test_stats_read_integer_form_weights_with_the_float_model_macs(digits_model):
+    from onnxsparse.report.stats import model_stats
+
+    pruned = onnxsparse.prune(digits_model, "2:4")
+    integer = quantized(pruned, integer=True)
+    float_stats, integer_stats = model_stats(pruned), model_stats(integer)
+    assert [layer.op_type for layer in integer_stats.layers][:2] == ["QLinearConv", "QLinearConv"]
+    assert integer_stats.params == float_stats.params and integer_stats.nonzeros == float_stats.nonzeros
+    assert integer_stats.dense_macs == float_stats.dense_macs
+    assert integer_stats.size_bytes * 4 == float_stats.size_bytes
+    assert [layer.pattern for layer in integer_stats.layers] == [layer.pattern for layer in float_stats.layers]

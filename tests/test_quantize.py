@@ -270,3 +270,13 @@ def test_stats_read_integer_form_weights_with_the_float_model_macs(digits_model)
     assert integer_stats.dense_macs == float_stats.dense_macs
     assert integer_stats.size_bytes * 4 == float_stats.size_bytes
     assert [layer.pattern for layer in integer_stats.layers] == [layer.pattern for layer in float_stats.layers]
+
+
+def test_excluded_first_and_last_layers_stay_in_float(digits_model):
+    result = quantize_model(digits_model, DIGITS_TRAIN, QuantizeOptions(exclude="conv3", keep_first_float=True,
+                                                                       keep_last_float=True))
+    names = [layer.node_name for layer in result.layers]
+    assert names == ["/conv2/Conv", "/conv4/Conv", "/conv5/Conv", "/fc1/Gemm"]
+    assert any("first layer" in note for note in result.notes) and any("--exclude" in note for note in result.notes)
+    float_convs = [n for n in result.model.graph.node if n.op_type == "Conv" and "conv1" in n.name + n.output[0]]
+    assert float_convs, "the first conv is still a float Conv"

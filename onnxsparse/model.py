@@ -303,7 +303,7 @@ class WeightLayout:
 # Resolving where a constant tensor comes from, and writing it back there
 # ---------------------------------------------------------------------------------------------
 
-_CHAIN_OPS = ("Identity", "Cast", "Reshape", "Transpose", "DequantizeLinear")
+_CHAIN_OPS = ("Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "DequantizeLinear")
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,7 @@ class _Step:
             return ((value.astype(np.int32) - self.zero_point.astype(np.int32)) * self.scale).astype(output_dtype)
         if self.op_type == "Transpose":
             return value.transpose(self.perm)
-        return value.astype(output_dtype)  # Identity, Cast (Reshape reshapes in GraphIndex.resolve)
+        return value.astype(output_dtype)  # Identity, Cast (reshaping ops reshape in GraphIndex.resolve)
 
     def inverse(self, value: np.ndarray) -> np.ndarray:
         if self.op_type == "DequantizeLinear":
@@ -433,6 +433,16 @@ class GraphIndex:
                 return None
             shape = _reshape_target(value.shape, [int(d) for d in target], attrs.get("allowzero", 0))
             return value.reshape(shape), source, chain + (_Step(**step_kwargs),)
+        elif node.op_type in ("Squeeze", "Unsqueeze"):  # a reshape whose axes are an input (opset 13+) or attribute
+            axes = self.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("axes")
+            if axes is None and node.op_type == "Unsqueeze":
+                return None
+            if node.op_type == "Squeeze":
+                squeezed = None if axes is None else tuple(int(a) % value.ndim for a in np.ravel(axes))
+                return np.squeeze(value, axis=squeezed), source, chain + (_Step(**step_kwargs),)
+            rank = value.ndim + len(np.ravel(axes))
+            return np.expand_dims(value, tuple(int(a) % rank for a in np.ravel(axes))), source, \
+                chain + (_Step(**step_kwargs),)
         else:  # DequantizeLinear
             dq = self._dequantize_params(node, value, attrs)
             if dq is None:

@@ -280,3 +280,24 @@ def test_excluded_first_and_last_layers_stay_in_float(digits_model):
     assert any("first layer" in note for note in result.notes) and any("--exclude" in note for note in result.notes)
     float_convs = [n for n in result.model.graph.node if n.op_type == "Conv" and "conv1" in n.name + n.output[0]]
     assert float_convs, "the first conv is still a float Conv"
+
+
+def test_caffe2_style_batch_norm_mul_add_folds_into_the_conv():
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Unsqueeze", ["gamma", "axes"], ["g"]), helper.make_node("Mul", ["c", "g"], ["m"]),
+             helper.make_node("Unsqueeze", ["beta", "axes"], ["b"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "caffe2_bn", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+                               numpy_helper.from_array(rng.random(4).astype(np.float32) + 0.5, "gamma"),
+                               numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "beta"),
+                               numpy_helper.from_array(np.array([1, 2], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    folded, count = fold_batch_norms(model)
+    assert count == 2 and [node.op_type for node in folded.graph.node] == ["Conv"]
+    x = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(model_io.onnxruntime_session(folded).run(None, x)[0],
+                               model_io.onnxruntime_session(model).run(None, x)[0], rtol=1e-5, atol=1e-5)

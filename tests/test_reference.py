@@ -116,7 +116,8 @@ def assert_agrees_with_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.n
     for ours, theirs in run_both(model, feeds):
         exact, largest = agreement(ours, theirs)
         assert largest <= 1, f"differs by {largest}"
-        assert exact >= 0.99, f"only {exact:.2%} exact"
+        # ties that float rounding decides are rare: at most 1% of elements, or one in a small tensor
+        assert (1.0 - exact) * ours.size <= max(1, 0.01 * ours.size), f"only {exact:.2%} exact"
 
 
 # ---------------------------------------------------------------------------------------------

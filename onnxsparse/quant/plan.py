@@ -134,7 +134,11 @@ def _mergeable_activation(model: onnx.ModelProto, lookups: model_io.GraphIndex, 
 
 
 def _shared_grid_groups(model: onnx.ModelProto, plan: QuantPlan, lookups) -> dict[str, str]:
-    """Union-find: a pass-through op's input and output, and a Concat's inputs and output, share one grid."""
+    """Union-find: a pass-through op's input and output share one grid. A group is thus one source
+    tensor and its pass-through descendants, whose values are a subset of the source's, so a
+    ReLU merged into the source's saturation stays valid for all of them. A Concat's inputs keep
+    their own grids (QLinearConcat requantizes those that differ from its output's): sharing one
+    grid there would let a signed input pull a merged ReLU's range below zero."""
     parent = {tensor: tensor for tensor in plan.tensors}
 
     def find(tensor: str) -> str:
@@ -145,7 +149,7 @@ def _shared_grid_groups(model: onnx.ModelProto, plan: QuantPlan, lookups) -> dic
 
     for index in plan.nodes:
         node = model.graph.node[index]
-        if node.op_type in PASS_THROUGH or node.op_type == "Concat":
+        if node.op_type in PASS_THROUGH:
             out = find(plan.output_tensor(model, index))
             for tensor in _data_inputs(node, lookups):
                 parent[find(tensor)] = out

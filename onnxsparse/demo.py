@@ -95,7 +95,8 @@ def run_demo(model_path: str | None, train_path: str | None, test_path: str | No
     console.print(f"float model              held-out top-1 {100 * float_accuracy:.1f}%")
     console.print(f"pruned {pattern:<17s} held-out top-1 {100 * pruned_accuracy:.1f}% "
                   f"(weights sparsity {100 * result.sparsity:.1f}%, no fine-tuning)")
-    for label, _, accuracy, sparsity, _ in quantized_rows:
+    for (label, _, accuracy, sparsity, _), source in zip(quantized_rows, (model, pruned)):
+        kept = " kept exactly" if onnxsparse.model_stats(source).sparsity > 0 else ""
         console.print(f"{label + ', W8A8':<24s} held-out top-1 {100 * accuracy:.1f}% "
-                      f"(sparsity {100 * sparsity:.1f}% kept exactly)")
+                      f"(weight sparsity {100 * sparsity:.1f}%{kept})")
     console.print(f"outputs in {out_dir}/")

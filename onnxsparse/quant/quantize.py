@@ -143,7 +143,10 @@ def _calibrate(model: onnx.ModelProto, plan: QuantPlan, data: CalibrationData, o
         values = dict(zip(fetch, session.run(fetch, batch)))
         values.update(batch)
         for tensor, observer in observers.items():
-            observer.collect(values[tensor])
+            try:
+                observer.collect(values[tensor])
+            except OnnxSparseError as exc:  # e.g. an activation overflowing to Inf
+                raise OnnxSparseError(f"tensor {tensor}: {exc}; check the calibration data and the model") from exc
         for tensor in mean_inputs:
             array = values[tensor].astype(np.float64)
             channel_axis = 1 if array.ndim > 2 else array.ndim - 1

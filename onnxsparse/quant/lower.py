@@ -74,9 +74,10 @@ def lower_to_integer(model: onnx.ModelProto) -> onnx.ModelProto:
 def _dequantized_tensors(model: onnx.ModelProto, lookups) -> dict[str, _Dequantized]:
     found = {}
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and len(node.input) >= 3 and node.input[2]:
+        if node.op_type == "DequantizeLinear":  # a missing zero point is 0 (int32 biases)
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            found[node.output[0]] = _Dequantized(node.input[0], node.input[1], node.input[2], attrs.get("axis"))
+            zero_point = node.input[2] if len(node.input) > 2 else ""
+            found[node.output[0]] = _Dequantized(node.input[0], node.input[1], zero_point, attrs.get("axis"))
     return found
 
 

@@ -202,8 +202,8 @@ def _emit_qdq(model: onnx.ModelProto, plan: QuantPlan, tensor_params: dict[str, 
 
     def dequantize_node(quantized: str, scale: str, zero_point: str, output: str, axis: int | None):
         kwargs = {"axis": axis} if axis is not None else {}
-        return helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [output],
-                                name=f"{output}_DequantizeLinear", **kwargs)
+        inputs = [quantized, scale] + ([zero_point] if zero_point else [])
+        return helper.make_node("DequantizeLinear", inputs, [output], name=f"{output}_DequantizeLinear", **kwargs)
 
     # weights and biases; a pruned model (any zero weight) keeps its exact nonzero pattern
     keep_pattern = any(np.any(model_io.read_weight(out, ref) == 0) for ref in plan.weights.values())
@@ -235,10 +235,9 @@ def _emit_qdq(model: onnx.ModelProto, plan: QuantPlan, tensor_params: dict[str, 
                 bias_q = arithmetic.quantize_bias(bias, float(x_params.scale), wparams.scale)
                 bq = constant(f"{base}_bias_quantized", bias_q.reshape(-1))
                 bs = constant(f"{base}_bias_scale", bias_scale)
-                bz = constant(f"{base}_bias_zero_point", np.zeros(bias.shape, np.int32))
                 bias_dq = model_io.unique_name(lookups, f"{base}_bias_dequantized")
                 lookups.consumers[bias_dq] = []
-                head.append(dequantize_node(bq, bs, bz, bias_dq, 0))
+                head.append(dequantize_node(bq, bs, "", bias_dq, 0))  # int32 zero point: absent means 0
                 node.input[bias_index] = bias_dq
         before = 1.0 - np.count_nonzero(weight) / weight.size
         after_sparsity = 1.0 - np.count_nonzero(quantized) / quantized.size

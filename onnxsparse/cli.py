@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -316,8 +317,6 @@ def run(model_path, input_path, random_input, seed, output_path, runtime) -> Non
     feeds = random_inputs(model, seed) if random_input else load_inputs(model, input_path)
     outputs = run_model(model, feeds, runtime)
     if output_path:
-        import numpy as np
-
         staging = Path(output_path).with_name(Path(output_path).name + ".tmp.npz")
         np.savez(staging, **outputs)
         staging.replace(output_path)
@@ -329,6 +328,150 @@ def run(model_path, input_path, random_input, seed, output_path, runtime) -> Non
         table.add_row(name, "x".join(map(str, value.shape)), str(value.dtype), f"{value.min():.6g}",
                       f"{value.max():.6g}", str(int(flat[0].argmax())) if flat.size else "-")
     stdout.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# pack, unpack, inspect
+# ---------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False))
+@click.option("--encoding", default="auto", show_default=True,
+              help="auto (the smallest valid per tensor), dense, csr, nm, block, bank or mcbbs; a family "
+              "may carry parameters, e.g. nm:2:4, block:16, bank:16, mcbbs:c2r4p4 (docs/FORMAT.md).")
+@click.option("--huffman", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Canonical Huffman coding per section: when it saves space, always, or never.")
+@click.option("--mcbbs-window", type=int, default=4, show_default=True, help="Ranges per window (P) in mcbbs tensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-tensor summary as JSON.")
+def pack(input_path, output_path, encoding, huffman, mcbbs_window, as_json) -> None:
+    """Pack the weights of IN into sparse binary tensors and write OUT.
+
+    Each weight-bearing node becomes an ai.onnxsparse.Packed<Op> node; works on float pruned
+    models and on quantized ones (QDQ and integer form). `onnxsparse unpack` restores it.
+
+    \b
+    Examples:
+      onnxsparse pack pruned_int8.onnx packed.onnx
+      onnxsparse pack pruned.onnx packed.onnx --encoding block --huffman off
+    """
+    from onnxsparse.formats.pack import pack_model
+
+    if model_io.same_file(input_path, output_path):
+        raise UsageError(f"{output_path}: output is the input file; write the packed model to another path")
+    model = model_io.load_model(input_path)
+    started = time.perf_counter()
+    with _progress("packing", len(model_io.find_weights(model)), enabled=not as_json) as advance:
+        result = pack_model(model, encoding=encoding, huffman=huffman, mcbbs_window=mcbbs_window, on_layer=advance)
+    model_io.save_model(result.model, output_path)
+    elapsed = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps({"input": input_path, "output": output_path, "notes": list(result.notes),
+                               "tensors": [_tensor_json(t) for t in result.tensors]}, indent=2))
+        return
+    print_packed(result.tensors, f"{input_path} -> {output_path}")
+    for note in result.notes:
+        stdout.print(f"note: {note}")
+    stdout.print(f"packed {len(result.tensors)} tensors; wrote {output_path} "
+                 f"({_bytes(Path(output_path).stat().st_size)}, input {_bytes(Path(input_path).stat().st_size)}) "
+                 f"in {elapsed:.1f} s")
+
+
+def _tensor_json(tensor) -> dict:
+    return {"node": tensor.node_name, "op_type": tensor.op_type, "initializer": tensor.initializer,
+            "weight": tensor.weight_name, "original_dtype": tensor.original_dtype, "header": tensor.info.to_json()}
+
+
+def _value_type(info) -> str:
+    return f"int{info.value_bits}" if info.value_type == "intN" else info.value_type
+
+
+def print_packed(tensors, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for header in ("layer", "encoding", "values", "shape", "sections (bytes; Huffman gain)", "bytes", "vs fp32"):
+        table.add_column(header, justify="right" if header in ("bytes", "vs fp32") else "left")
+    total_packed = total_fp32 = 0
+    for tensor in tensors:
+        info = tensor.info
+        fp32 = 4 * int(np.prod(info.shape))
+        total_packed, total_fp32 = total_packed + info.total_bytes, total_fp32 + fp32
+        sections = ", ".join(f"{s.kind} {s.stored_bytes}" + (f" ({s.raw_bytes / max(s.stored_bytes, 1):.2f}x)"
+                                                             if s.coding == "huffman" else "") for s in info.sections)
+        table.add_row(tensor.node_name, info.encoding.spec, _value_type(info), "x".join(map(str, info.shape)), sections,
+                      _bytes(info.total_bytes), f"{fp32 / max(info.total_bytes, 1):.1f}x")
+    table.add_section()
+    table.add_row(f"total ({len(tensors)} tensors)", "", "", "", "", _bytes(total_packed),
+                  f"{total_fp32 / max(total_packed, 1):.1f}x")
+    stdout.print(table)
+
+
+@cli.command()
+@click.argument("input_path", metavar="PACKED", type=click.Path(dir_okay=False))
+@click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False))
+def unpack(input_path, output_path) -> None:
+    """Turn a packed model back into a standard ONNX model (weights bit for bit).
+
+    \b
+    Example:
+      onnxsparse unpack packed.onnx restored.onnx
+    """
+    from onnxsparse.formats.pack import unpack_model
+
+    if model_io.same_file(input_path, output_path):
+        raise UsageError(f"{output_path}: output is the input file; write the unpacked model to another path")
+    model = model_io.load_model(input_path, upgrade=False)
+    started = time.perf_counter()
+    restored = unpack_model(model)
+    model_io.save_model(restored, output_path)
+    stdout.print(f"wrote {output_path} in {time.perf_counter() - started:.1f} s")
+
+
+@cli.command()
+@click.argument("input_path", metavar="PACKED", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (headers as schemas/packed-tensor.schema.json).")
+@click.option("--tensor", "tensor_name", metavar="NAME", help="Dump this tensor's decoded values (node, weight or "
+              "initializer name) to an .npy file.")
+@click.option("--output", "npy_path", type=click.Path(dir_okay=False), help="Where --tensor writes (default NAME.npy).")
+def inspect(input_path, as_json, tensor_name, npy_path) -> None:
+    """Per packed tensor: encoding, shape, sparsity, bytes per section, Huffman gain, entropy bound, checksums.
+
+    \b
+    Examples:
+      onnxsparse inspect packed.onnx
+      onnxsparse inspect packed.onnx --tensor /conv2/Conv --output conv2.npy
+    """
+    from onnxsparse.formats.inspect import inspect_model
+
+    model = model_io.load_model(input_path, upgrade=False)
+    report = inspect_model(model)
+    if tensor_name is not None:
+        target = report.dump(tensor_name, npy_path)
+        stdout.print(f"wrote {target}")
+        return
+    if as_json:
+        click.echo(json.dumps({"model": input_path, **report.to_json()}, indent=2))
+        return
+    table = Table(title=input_path, title_justify="left")
+    for header in ("layer", "encoding", "values", "shape", "sparsity", "section", "coding", "bytes", "entropy bound",
+                   "crc"):
+        table.add_column(header, justify="right" if header in ("sparsity", "bytes", "entropy bound") else "left")
+    for entry in report.tensors:
+        info = entry.info
+        for position, section in enumerate(info.sections):
+            first = position == 0
+            table.add_row(entry.node_name if first else "", info.encoding.spec if first else "",
+                          _value_type(info) if first else "",
+                          "x".join(map(str, info.shape)) if first else "",
+                          _percent(entry.sparsity) if first else "", section.kind,
+                          section.coding + (f" {section.raw_bytes / max(section.stored_bytes, 1):.2f}x"
+                                            if section.coding == "huffman" else ""),
+                          str(section.stored_bytes), f"{section.entropy_bound_bytes:.0f}",
+                          "ok")
+        table.add_section()
+    stdout.print(table)
+    stdout.print(f"{len(report.tensors)} packed tensors, {_bytes(report.packed_bytes)} packed; float32 original "
+                 f"{_bytes(report.float32_bytes)}: {report.float32_bytes / max(report.packed_bytes, 1):.1f}x smaller")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,3 +143,21 @@ def test_zoo_model_packs_and_unpacks_exactly(zoo_path, zoo_name):
     result = pack_model(model)
     restored = unpack_model(result.model)
     assert initializers(restored) == initializers(model)
+
+
+def test_forced_encoding_family_packs_what_fits_and_notes_the_rest(digits_quantized):
+    result = pack_model(digits_quantized[8], encoding="nm")
+    encodings = {t.node_name: t.info.encoding.name for t in result.tensors}
+    assert encodings["/conv1/Conv"] != "nm" and any("/conv1/Conv" in note and "auto instead" in note
+                                                    for note in result.notes)
+    forced = pack_model(digits_quantized[8], encoding="block:16")
+    assert {t.node_name: t.info.encoding.spec for t in forced.tensors}["/conv3/Conv"].startswith("block:16")
+    assert any("/fc2/Gemm" in note for note in forced.notes)
+
+
+def test_unknown_encoding_is_a_usage_error(capsys, digits_quantized, tmp_path):
+    source = tmp_path / "q.onnx"
+    onnxsparse.save_model(digits_quantized[8], source)
+    code = main(["pack", str(source), str(tmp_path / "p.onnx"), "--encoding", "zigzag"])
+    assert code == 2 and "unknown encoding 'zigzag'" in capsys.readouterr().err
+    assert not (tmp_path / "p.onnx").exists()

@@ -232,7 +232,8 @@ def pack_tensor(weight: np.ndarray, layout: WeightLayout, *, encoding: str | Enc
     """The packed tensor (docs/FORMAT.md) of `weight`, given in ONNX layout.
 
     weight: float32, float16, or int8 holding value_bits-bit integers (2..8, default 8).
-    encoding: "auto" (the fewest bytes among the encodings the weight fits), a spec such as "nm:2:4",
+    encoding: "auto" (the fewest bytes among the encodings the weight fits), a family ("nm", "block",
+    ...: its member that packs smallest), a spec such as "nm:2:4",
     "block:16", "bank:16", "mcbbs:c2r4p4", or an Encoding (kept = 0: the fewest the weight needs).
     huffman: "auto" codes a section when that makes it smaller, "on" every section of <= 16-bit fields.
     """
@@ -255,8 +256,10 @@ def pack_tensor(weight: np.ndarray, layout: WeightLayout, *, encoding: str | Enc
     fields = _to_fields(layout.to_matrix(weight), value_type, value_bits)
     shape = _matrix_shape(layout)
     header_base = _header_bytes(len(dims), quantization, 0)
-    if isinstance(encoding, str) and encoding.strip().lower() == "auto":
-        chosen, stored = _choose(shape, fields, value_bits, huffman, mcbbs_window, header_base)
+    requested_name = encoding.strip().lower() if isinstance(encoding, str) else None
+    if requested_name == "auto" or requested_name in ENCODINGS:
+        family = None if requested_name == "auto" else requested_name
+        chosen, stored = _choose(shape, fields, value_bits, huffman, mcbbs_window, header_base, family)
     else:
         requested = encoding if isinstance(encoding, Encoding) else Encoding.parse(encoding, mcbbs_window=mcbbs_window)
         chosen, section_fields = encode(requested, shape, fields)
@@ -370,8 +373,9 @@ class _Candidate:
 
 
 def _choose(shape: MatrixShape, fields: np.ndarray, value_bits: int, huffman_mode: str, mcbbs_window: int,
-            header_base: int) -> tuple[Encoding, list[_Stored]]:
-    """The smallest packing among the auto candidates (ties: the earlier candidate).
+            header_base: int, family: str | None = None) -> tuple[Encoding, list[_Stored]]:
+    """The smallest packing among the auto candidates (ties: the earlier candidate), or among those
+    of one encoding family (`family`, e.g. "block": the block size that packs smallest).
 
     Branch and bound: each candidate's size has a floor computable from field histograms alone (raw
     sections are exact; a Huffman section is no smaller than its fields' order-0 entropy plus the
@@ -415,6 +419,11 @@ def _choose(shape: MatrixShape, fields: np.ndarray, value_bits: int, huffman_mod
         else:
             encoding = encoding.with_kept(kept)
         candidates.append(_Candidate(order, encoding, census.position_histogram(kept) if codable else None))
+    if family is not None:
+        candidates = [candidate for candidate in candidates if candidate.encoding.name == family]
+        if not candidates:
+            raise UsageError(f"no {family} encoding fits this weight (its zeros follow no {family} structure "
+                             "the shape allows)")
 
     best: tuple[int, int, Encoding, list[_Stored]] | None = None
     while candidates:

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from onnxsparse import model as model_io
 from onnxsparse.errors import OnnxSparseError, UsageError
-from onnxsparse.formats.container import PackedInfo, Quantization, pack_tensor, read_info, unpack_tensor
+from onnxsparse.formats.container import ENCODINGS, Encoding, PackedInfo, Quantization, pack_tensor, read_info, unpack_tensor
 from onnxsparse.formats.errors import FormatError
 
 DOMAIN = "ai.onnxsparse"
@@ -49,6 +49,8 @@ def pack_model(model: onnx.ModelProto, *, encoding: str = "auto", huffman: str =
     """Pack every weight-bearing node's weight; the input model is not modified."""
     if any(node.domain == DOMAIN for node in model.graph.node):
         raise OnnxSparseError("the model is already packed; unpack it first")
+    if encoding.strip().lower() not in ("auto", *ENCODINGS):
+        Encoding.parse(encoding, mcbbs_window=mcbbs_window)  # a bad spec is the user's error, not a misfit
     packed = onnx.ModelProto()
     packed.CopyFrom(model)
     declared_bits = _declared_weight_bits(packed)
@@ -63,11 +65,14 @@ def pack_model(model: onnx.ModelProto, *, encoding: str = "auto", huffman: str =
             notes.append(f"{ref.node_name}: weight stored in a way pack does not handle; left as is")
             continue
         weight, quantization, value_bits, restore, dequantize_index = source
+        options = dict(value_bits=value_bits, quantization=quantization, huffman=huffman, mcbbs_window=mcbbs_window)
         try:
-            data = pack_tensor(weight, ref.layout, encoding=encoding, value_bits=value_bits,
-                               quantization=quantization, huffman=huffman, mcbbs_window=mcbbs_window)
+            data = pack_tensor(weight, ref.layout, encoding=encoding, **options)
         except UsageError as exc:
-            raise UsageError(f"node {ref.node_name}: {exc}") from exc
+            if encoding.strip().lower() == "auto":
+                raise UsageError(f"node {ref.node_name}: {exc}") from exc
+            notes.append(f"{ref.node_name}: {exc}; packed with auto instead")  # a forced encoding that does not fit
+            data = pack_tensor(weight, ref.layout, encoding="auto", **options)
         name = model_io.unique_name(lookups, f"{restore['weight']['name']}_packed")
         lookups.initializers[name] = None
         packed.graph.initializer.append(numpy_helper.from_array(np.frombuffer(data, dtype=np.uint8), name))

@@ -388,13 +388,8 @@ def _qlinear_conv(context: _NodeContext) -> _Built:
 
 @_builds("", "QLinearMatMul")
 def _qlinear_matmul(context: _NodeContext) -> _Built:
-    a_type, b_type = context.quantized_type(0, "a"), context.quantized_type(3, "b")
-    y_type = context.quantized_type(7, "y_zero_point")
-    a_scale, y_scale = context.scale(1, "a_scale"), context.scale(6, "y_scale")
-    a_zero_point = context.zero_point(2, "a_zero_point", a_type)
-    y_zero_point = context.zero_point(7, "y_zero_point", y_type)
-    b_scale = context.scale(4, "b_scale", per_tensor=False)
-    b_zero_point = context.zero_point(5, "b_zero_point", b_type, per_tensor=False)
+    (a_zero_point, b_scale, b_zero_point, y_type, y_zero_point), a_scale, y_scale = \
+        _matmul_parameters(context, y_scale_at=6), context.scale(1, "a_scale"), context.scale(6, "y_scale")
     _check_per_column(context, b_scale, b_zero_point)
     multiplier = context.multiplier(lambda: requantize_multiplier(a_scale, b_scale, y_scale))
 
@@ -405,6 +400,17 @@ def _qlinear_matmul(context: _NodeContext) -> _Built:
         accumulator = np.matmul(a.astype(np.int64) - a_zero_point, b.astype(np.int64) - b_zero_point)
         return [_requantized(_checked_accumulator(context, accumulator), multiplier, y_zero_point, y_type)]
     return _Built(run, (y_type,))
+
+
+def _matmul_parameters(context: _NodeContext, y_scale_at: int):
+    """(a zero point, b scale, b zero point, y type, y zero point) of QLinearMatMul and QGemm: both
+    take a, a_scale, a_zero_point, b, b_scale, b_zero_point first; y_scale and y_zero_point follow
+    at y_scale_at (after QGemm's bias)."""
+    a_type, b_type = context.quantized_type(0, "A"), context.quantized_type(3, "B")
+    y_type = context.quantized_type(y_scale_at + 1, "y_zero_point")
+    return (context.zero_point(2, "a_zero_point", a_type), context.scale(4, "b_scale", per_tensor=False),
+            context.zero_point(5, "b_zero_point", b_type, per_tensor=False), y_type,
+            context.zero_point(y_scale_at + 1, "y_zero_point", y_type))
 
 
 def _check_per_column(context: _NodeContext, b_scale: np.ndarray, b_zero_point: np.ndarray) -> None:
@@ -421,13 +427,8 @@ def _qgemm(context: _NodeContext) -> _Built:
         raise context.error("alpha other than 1.0 is not supported")
     if not (context.has_input(7) and context.has_input(8)):  # onnxruntime then outputs float32
         raise context.error("float output QGemm not supported (an integer output needs y_scale and y_zero_point)")
-    a_type, b_type = context.quantized_type(0, "A"), context.quantized_type(3, "B")
-    y_type = context.quantized_type(8, "y_zero_point")
-    a_scale, y_scale = context.scale(1, "a_scale"), context.scale(7, "y_scale")
-    a_zero_point = context.zero_point(2, "a_zero_point", a_type)
-    y_zero_point = context.zero_point(8, "y_zero_point", y_type)
-    b_scale = context.scale(4, "b_scale", per_tensor=False)
-    b_zero_point = context.zero_point(5, "b_zero_point", b_type, per_tensor=False)
+    (a_zero_point, b_scale, b_zero_point, y_type, y_zero_point), a_scale, y_scale = \
+        _matmul_parameters(context, y_scale_at=7), context.scale(1, "a_scale"), context.scale(7, "y_scale")
     for what, value in (("b_scale", b_scale), ("b_zero_point", b_zero_point)):
         if value.ndim > 1:
             raise context.error(f"{what} must be a scalar or 1-D (per column)")

@@ -54,6 +54,8 @@ def cli(debug: bool) -> None:
     Examples:
       onnxsparse stats model.onnx
       onnxsparse prune model.onnx pruned.onnx --pattern 1x16 --sparsity 0.75
+      onnxsparse quantize pruned.onnx int8.onnx --calib calibration.npz
+      onnxsparse pack int8.onnx packed.onnx && onnxsparse inspect packed.onnx
       onnxsparse demo
     """
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxsparse.errors import UsageError
+from onnxsparse.errors import OnnxSparseError, UsageError
 from onnxsparse.model import onnxruntime_session
 
 RUNTIMES = ("ort", "reference")
@@ -63,6 +63,9 @@ def load_inputs(model: onnx.ModelProto, path: str | Path) -> dict[str, np.ndarra
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runtime: str = "ort") -> dict[str, np.ndarray]:
     """Outputs by name, in graph order."""
     names = [out.name for out in model.graph.output]
+    if any(node.domain == "ai.onnxsparse" for node in model.graph.node):
+        raise OnnxSparseError("this is a packed model; no runtime here executes packed nodes yet: "
+                              "`onnxsparse unpack` it and run the result")
     if runtime == "ort":
         try:
             values = onnxruntime_session(model, threads=2).run(names, feeds)

@@ -161,3 +161,10 @@ def test_unknown_encoding_is_a_usage_error(capsys, digits_quantized, tmp_path):
     code = main(["pack", str(source), str(tmp_path / "p.onnx"), "--encoding", "zigzag"])
     assert code == 2 and "unknown encoding 'zigzag'" in capsys.readouterr().err
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_running_a_packed_model_says_to_unpack_it(capsys, digits_quantized, tmp_path):
+    packed = tmp_path / "p.onnx"
+    onnxsparse.save_model(pack_model(digits_quantized[8]).model, packed)
+    assert main(["run", str(packed), "--random"]) == 1
+    assert "unpack" in capsys.readouterr().err

@@ -168,3 +168,17 @@ def test_running_a_packed_model_says_to_unpack_it(capsys, digits_quantized, tmp_
     onnxsparse.save_model(pack_model(digits_quantized[8]).model, packed)
     assert main(["run", str(packed), "--random"]) == 1
     assert "unpack" in capsys.readouterr().err
+
+
+def test_unpack_and_inspect_refuse_tensors_beyond_the_element_bound(monkeypatch, digits_quantized):
+    import onnxsparse.formats.inspect as inspect_module
+    import onnxsparse.formats.pack as pack_module
+    from onnxsparse.formats.errors import FormatError
+
+    packed = pack_model(digits_quantized[8]).model
+    monkeypatch.setattr(pack_module, "MAX_WEIGHT_ELEMENTS", 1000)
+    monkeypatch.setattr(inspect_module, "MAX_WEIGHT_ELEMENTS", 1000)
+    with pytest.raises(FormatError, match="allowed"):
+        unpack_model(packed)
+    with pytest.raises(FormatError, match="allowed"):
+        inspect_model(packed)

@@ -13,7 +13,7 @@ from onnxsparse import model as model_io
 from onnxsparse.errors import UsageError
 from onnxsparse.formats.container import PackedInfo, read_info, unpack_tensor
 from onnxsparse.formats.errors import FormatError
-from onnxsparse.formats.pack import RESTORE_ATTRIBUTE, packed_tensors
+from onnxsparse.formats.pack import MAX_WEIGHT_ELEMENTS, RESTORE_ATTRIBUTE, packed_tensors
 from onnxsparse.validation import validate
 
 
@@ -85,7 +85,7 @@ def inspect_model(model: onnx.ModelProto) -> InspectReport:
     for node, initializer, data in packed_tensors(model):
         label = f"node {model_io.display_name(node)}: {initializer}"
         try:
-            info, values = read_info(data, entropy=True), unpack_tensor(data)
+            info, values = read_info(data, entropy=True), unpack_tensor(data, max_elements=MAX_WEIGHT_ELEMENTS)
         except FormatError as exc:
             raise FormatError(f"{label}: {exc}") from exc
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -20,6 +20,9 @@ DOMAIN = "ai.onnxsparse"
 WEIGHT_INPUT_ATTRIBUTE = "onnxsparse_weight_input"
 RESTORE_ATTRIBUTE = "onnxsparse_restore"
 QUANTIZATION_METADATA = "onnxsparse.quantization"
+# No CNN weight comes near this many elements (4 GiB as float32): a packed tensor claiming more is
+# refused before it is decoded (a valid csr tensor of zeros can claim any shape cheaply).
+MAX_WEIGHT_ELEMENTS = 2**30
 # Integer ops: where their weight's scale and zero point are, and the ONNX axis of per-channel values.
 _INTEGER_WEIGHT_PARAMS = {"QLinearConv": (4, 5), "QLinearMatMul": (4, 5), "QGemm": (4, 5),
                           "ConvInteger": (None, 3), "MatMulInteger": (None, 3)}
@@ -188,7 +191,7 @@ def unpack_model(model: onnx.ModelProto) -> onnx.ModelProto:
             raise OnnxSparseError(f"{label}: packed input {packed_name!r} is not an initializer")
         data = numpy_helper.to_array(lookups.initializers[packed_name])
         try:
-            weight = unpack_tensor(data.tobytes())
+            weight = unpack_tensor(data.tobytes(), max_elements=MAX_WEIGHT_ELEMENTS)
         except FormatError as exc:
             raise FormatError(f"{label}: {packed_name}: {exc}") from exc
         record = restore["weight"]

@@ -182,3 +182,10 @@ def test_unpack_and_inspect_refuse_tensors_beyond_the_element_bound(monkeypatch,
         unpack_model(packed)
     with pytest.raises(FormatError, match="allowed"):
         inspect_model(packed)
+
+
+def test_stats_of_a_packed_model_are_those_of_its_weights(digits_quantized):
+    from onnxsparse.report.stats import model_stats
+
+    packed = pack_model(digits_quantized[8]).model
+    assert model_stats(packed) == model_stats(digits_quantized[8])

@@ -9,6 +9,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxsparse import model as model_io
+from onnxsparse.formats.pack import DOMAIN as PACKED_DOMAIN
+from onnxsparse.formats.pack import unpack_model
 from onnxsparse.sparsity.patterns import MatrixShape, detect_pattern
 from onnxsparse.validation import validate
 
@@ -78,7 +80,10 @@ def _sum_or_none(values) -> int | None:
 
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:
-    """Statistics of every weight-bearing node, in graph order."""
+    """Statistics of every weight-bearing node, in graph order (a packed model is unpacked in
+    memory first: exact, so its figures are those of the weights it holds)."""
+    if any(node.domain == PACKED_DOMAIN for node in model.graph.node):
+        model = unpack_model(model)
     shapes = model_io.infer_shapes(model)
     layers = []
     for ref in model_io.find_weights(model):

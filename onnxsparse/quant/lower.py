@@ -116,47 +116,45 @@ def _integer_nodes(node: onnx.NodeProto, result: _Output, dequantized: dict[str,
 
     if not _saturation_does_activation(result.activation, lookups, y_scale, y_zero):
         return None
-    integer_output = output
 
     if node.op_type == "Conv":
         x, w, b = operand(0), operand(1), operand(2)
         if x is None or w is None or (len(node.input) > 2 and node.input[2] and b is None):
             return None
         inputs = [x.quantized, x.scale, x.zero_point, w.quantized, w.scale, w.zero_point, y_scale, y_zero]
-        new = helper.make_node("QLinearConv", inputs + ([b.quantized] if b else []), [integer_output], name=name)
+        new = helper.make_node("QLinearConv", inputs + ([b.quantized] if b else []), [output], name=name)
     elif node.op_type == "Gemm":
         a, b, c = operand(0), operand(1), operand(2)
         if a is None or b is None or (len(node.input) > 2 and node.input[2] and c is None):
             return None
         inputs = [a.quantized, a.scale, a.zero_point, b.quantized, b.scale, b.zero_point,
                   c.quantized if c else "", y_scale, y_zero]
-        new = helper.make_node("QGemm", inputs, [integer_output], name=name, domain=MS_DOMAIN)
+        new = helper.make_node("QGemm", inputs, [output], name=name, domain=MS_DOMAIN)
     elif node.op_type == "MatMul":
         a, b = operand(0), operand(1)
         if a is None or b is None:
             return None
         inputs = [a.quantized, a.scale, a.zero_point, b.quantized, b.scale, b.zero_point, y_scale, y_zero]
-        new = helper.make_node("QLinearMatMul", inputs, [integer_output], name=name)
+        new = helper.make_node("QLinearMatMul", inputs, [output], name=name)
     elif node.op_type in ("Add", "Sum") and len(node.input) == 2:
         a, b = operand(0), operand(1)
         if a is None or b is None:
             return None
         inputs = [a.quantized, a.scale, a.zero_point, b.quantized, b.scale, b.zero_point, y_scale, y_zero]
-        new = helper.make_node("QLinearAdd", inputs, [integer_output], name=name, domain=MS_DOMAIN)
+        new = helper.make_node("QLinearAdd", inputs, [output], name=name, domain=MS_DOMAIN)
     elif node.op_type == "Concat":
         parts = [operand(i) for i in range(len(node.input))]
         if any(part is None for part in parts):
             return None
-        inputs = [y_scale, y_zero] + [name for part in parts for name in (part.quantized, part.scale, part.zero_point)]
-        new = helper.make_node("QLinearConcat", inputs, [integer_output], name=name, domain=MS_DOMAIN)
+        inputs = [y_scale, y_zero] + [tensor for part in parts for tensor in (part.quantized, part.scale, part.zero_point)]
+        new = helper.make_node("QLinearConcat", inputs, [output], name=name, domain=MS_DOMAIN)
     elif node.op_type in ("GlobalAveragePool", "AveragePool"):
         x = operand(0)
         if x is None:
             return None
         inputs = [x.quantized, x.scale, x.zero_point, y_scale, y_zero]
-        extra = [helper.make_attribute("channels_last", 0)]
-        new = helper.make_node(f"QLinear{node.op_type}", inputs, [integer_output], name=name, domain=MS_DOMAIN)
-        new.attribute.extend(extra)
+        new = helper.make_node(f"QLinear{node.op_type}", inputs, [output], name=name, domain=MS_DOMAIN,
+                               channels_last=0)
     elif node.op_type in PASS_THROUGH:
         x = operand(0)
         if x is None or result.activation is not None or not _same_grid(lookups, x, y_scale, y_zero):

@@ -82,8 +82,9 @@ def materialize(name: str, seed: int = 0) -> onnx.ModelProto:
         rng = np.random.default_rng([seed, zlib.crc32(output.encode())])
         value = _initial_value(output, shape, consumers, rng)
         new_initializers.append(numpy_helper.from_array(value.astype(np.float32), output))
+    placeholders = {init.name for init in new_initializers}  # the ConstantOfShape outputs just replaced
     for node in kept_nodes:
-        node.name = _readable_name(node, placeholders={n.output[0] for n in graph.node if n not in kept_nodes})
+        node.name = _readable_name(node, placeholders)
     del graph.node[:]
     graph.node.extend(kept_nodes)
     graph.initializer.extend(new_initializers)

@@ -302,13 +302,18 @@ def quantize(input_path, output_path, calibration, weight_bits, act_bits, method
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
 @click.option("--runtime", type=click.Choice(["ort", "reference"]), default="ort", show_default=True,
-              help="ort: onnxruntime; reference: the exact integer executor (integer-form models).")
+              help="ort: onnxruntime (a packed model's sparse layers run in onnxsparse's native kernels "
+              "inside it); reference: the exact integer executor (integer-form models, packed or not).")
 def run(model_path, input_path, random_input, seed, output_path, runtime) -> None:
     """Run MODEL on inputs and print (or save) its outputs.
 
+    MODEL may be packed (`onnxsparse pack`): its sparse layers then run in native kernels hosted
+    in onnxruntime (docs/RUNTIME.md).
+
     \b
     Examples:
-      onnxsparse run model.onnx --random
+      onnxsparse run packed.onnx --random
+      onnxsparse run model.onnx --input x.npy --output y.npz
       onnxsparse run int.onnx --input x.npz --runtime reference --output y.npz
     """
     from onnxsparse.runner import load_inputs, random_inputs, run_model
@@ -332,6 +337,56 @@ def run(model_path, input_path, random_input, seed, output_path, runtime) -> Non
     stdout.print(table)
 
 
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--against", "against_path", type=click.Path(dir_okay=False),
+              help="The dense fp32 model to compare with (default: MODEL unpacked, when it is float).")
+@click.option("--threads", type=int, default=2, show_default=True, help="Threads for every engine.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the random input.")
+@click.option("--rounds", type=int, default=30, show_default=True, help="Timed rounds (each runs every engine once).")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench(model_path, against_path, threads, batch, rounds, warmup, as_json) -> None:
+    """Time a packed MODEL against dense onnxruntime fp32 and int8, interleaved, medians.
+
+    The int8 baseline is MODEL unpacked when MODEL is quantized, else onnxruntime running a QDQ
+    int8 quantization of the dense model (7-bit weights, see docs/QUANTIZATION.md).
+
+    \b
+    Examples:
+      onnxsparse bench packed.onnx
+      onnxsparse bench packed_int8.onnx --against resnet50.onnx --threads 2 --batch 8
+    """
+    from onnxsparse.runtime.bench import bench as run_bench
+
+    packed = model_io.load_model(model_path)
+    against = model_io.load_model(against_path) if against_path else None
+    with _progress("benchmarking", rounds, enabled=not as_json) as advance:
+        result = run_bench(packed, against, threads=threads, batch=batch, rounds=rounds, warmup=warmup,
+                           on_round=lambda: advance(""))
+    if as_json:
+        click.echo(json.dumps({
+            "model": model_path, "against": against_path, "batch": result.batch, "threads": result.threads,
+            "sparse_layers": result.sparse_layers, "dense_layers": result.dense_layers, "regions": result.regions,
+            "max_output_difference": result.max_output_difference,
+            "timings": [vars(t) for t in result.timings],
+            "speedup": {t.name: result.ratio(t.name) for t in result.timings if t.name != "packed"}}, indent=2))
+        return
+    table = Table(title=f"{model_path}: batch {batch}, {threads} threads, median of {rounds} interleaved rounds",
+                  title_justify="left")
+    for header in ("engine", "precision", "median ms", "p10 ms", "p90 ms", "packed is faster by"):
+        table.add_column(header, justify="left" if header in ("engine", "precision") else "right")
+    for timing in result.timings:
+        ratio = result.ratio(timing.name) if timing.name != "packed" else None
+        table.add_row(timing.name if timing.name != "packed" else "onnxsparse packed", timing.precision,
+                      f"{timing.median_ms:.2f}", f"{timing.p10_ms:.2f}", f"{timing.p90_ms:.2f}",
+                      "-" if ratio is None else f"{ratio:.2f}x")
+    stdout.print(table)
+    stdout.print(f"{result.sparse_layers} layers sparse in {result.regions} native regions, {result.dense_layers} "
+                 f"dense in onnxruntime; largest output difference vs the unpacked model in onnxruntime: "
+                 f"{result.max_output_difference:.3g}")
+
+
 # ---------------------------------------------------------------------------------------------
 # pack, unpack, inspect
 # ---------------------------------------------------------------------------------------------
@@ -346,8 +401,12 @@ def run(model_path, input_path, random_input, seed, output_path, runtime) -> Non
 @click.option("--huffman", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Canonical Huffman coding per section: when it saves space, always, or never.")
 @click.option("--mcbbs-window", type=int, default=4, show_default=True, help="Ranges per window (P) in mcbbs tensors.")
+@click.option("--kernels", type=click.Choice(["auto", "sparse", "dense"]), default="auto", show_default=True,
+              help="How `onnxsparse run` executes each layer: auto measures the native sparse kernel against "
+              "dense onnxruntime on this machine and keeps the faster; sparse/dense force one.")
+@click.option("--threads", type=int, default=2, show_default=True, help="Threads for the auto measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-tensor summary as JSON.")
-def pack(input_path, output_path, encoding, huffman, mcbbs_window, as_json) -> None:
+def pack(input_path, output_path, encoding, huffman, mcbbs_window, kernels, threads, as_json) -> None:
     """Pack the weights of IN into sparse binary tensors and write OUT.
 
     Each weight-bearing node becomes an ai.onnxsparse.Packed<Op> node; works on float pruned
@@ -364,8 +423,16 @@ def pack(input_path, output_path, encoding, huffman, mcbbs_window, as_json) -> N
         raise UsageError(f"{output_path}: output is the input file; write the packed model to another path")
     model = model_io.load_model(input_path)
     started = time.perf_counter()
+    if kernels == "auto":
+        from onnxsparse.runtime.costmodel import KernelChooser
+
+        chooser = KernelChooser(model, threads)
+        choose = lambda node: chooser.choose(node).record()  # noqa: E731
+    else:
+        choose = lambda node: {"kernel": kernels, "reason": "--kernels " + kernels}  # noqa: E731
     with _progress("packing", len(model_io.find_weights(model)), enabled=not as_json) as advance:
-        result = pack_model(model, encoding=encoding, huffman=huffman, mcbbs_window=mcbbs_window, on_layer=advance)
+        result = pack_model(model, encoding=encoding, huffman=huffman, mcbbs_window=mcbbs_window, on_layer=advance,
+                            choose_kernel=choose)
     model_io.save_model(result.model, output_path)
     elapsed = time.perf_counter() - started
     if as_json:
@@ -382,7 +449,8 @@ def pack(input_path, output_path, encoding, huffman, mcbbs_window, as_json) -> N
 
 def _tensor_json(tensor) -> dict:
     return {"node": tensor.node_name, "op_type": tensor.op_type, "initializer": tensor.initializer,
-            "weight": tensor.weight_name, "original_dtype": tensor.original_dtype, "header": tensor.info.to_json()}
+            "weight": tensor.weight_name, "original_dtype": tensor.original_dtype, "header": tensor.info.to_json(),
+            "kernel": tensor.kernel_choice}
 
 
 def _value_type(info) -> str:
@@ -391,7 +459,9 @@ def _value_type(info) -> str:
 
 def print_packed(tensors, title: str) -> None:
     table = Table(title=title, title_justify="left")
-    for header in ("layer", "encoding", "values", "shape", "sections (bytes; Huffman gain)", "bytes", "vs fp32"):
+    headers = ["layer", "encoding", "values", "shape", "sections (bytes; Huffman gain)", "bytes", "vs fp32"]
+    choices = any(tensor.kernel_choice for tensor in tensors)
+    for header in headers + (["runs"] if choices else []):
         table.add_column(header, justify="right" if header in ("bytes", "vs fp32") else "left")
     total_packed = total_fp32 = 0
     for tensor in tensors:
@@ -400,8 +470,12 @@ def print_packed(tensors, title: str) -> None:
         total_packed, total_fp32 = total_packed + info.total_bytes, total_fp32 + fp32
         sections = ", ".join(f"{s.kind} {s.stored_bytes}" + (f" ({s.raw_bytes / max(s.stored_bytes, 1):.2f}x)"
                                                              if s.coding == "huffman" else "") for s in info.sections)
-        table.add_row(tensor.node_name, info.encoding.spec, _value_type(info), "x".join(map(str, info.shape)), sections,
-                      _bytes(info.total_bytes), f"{fp32 / max(info.total_bytes, 1):.1f}x")
+        row = [tensor.node_name, info.encoding.spec, _value_type(info), "x".join(map(str, info.shape)), sections,
+               _bytes(info.total_bytes), f"{fp32 / max(info.total_bytes, 1):.1f}x"]
+        if choices:
+            choice = tensor.kernel_choice or {}
+            row.append(f"{choice.get('kernel', '?')} ({choice.get('reason', '')})")
+        table.add_row(*row)
     table.add_section()
     table.add_row(f"total ({len(tensors)} tensors)", "", "", "", "", _bytes(total_packed),
                   f"{total_fp32 / max(total_packed, 1):.1f}x")
@@ -474,6 +548,145 @@ def inspect(input_path, as_json, tensor_name, npy_path) -> None:
     stdout.print(table)
     stdout.print(f"{len(report.tensors)} packed tensors, {_bytes(report.packed_bytes)} packed; float32 original "
                  f"{_bytes(report.float32_bytes)}: {report.float32_bytes / max(report.packed_bytes, 1):.1f}x smaller")
+
+
+# ---------------------------------------------------------------------------------------------
+# simulate and export-reference (the systolic-array reference executor; docs/SYSTOLIC.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def _simulation_inputs(model, input_path: str | None, random_input: bool, seed: int) -> dict:
+    from onnxsparse.runner import load_inputs, random_inputs
+
+    if (input_path is None) == (not random_input):
+        raise UsageError("give exactly one of --input FILE and --random")
+    return random_inputs(model, seed) if random_input else load_inputs(model, input_path)
+
+
+def _load_quantized(model_path: str):
+    """A model as stored: packed models keep their custom nodes (the executor unpacks them)."""
+    model = model_io.load_model(model_path, upgrade=False)
+    if any(node.domain == "ai.onnxsparse" for node in model.graph.node):
+        return model
+    return model_io.load_model(model_path)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--array", "array", default="32x32", show_default=True, help="ROWSxCOLUMNS of PEs, each in [1, 4096].")
+@click.option("--dataflow", type=click.Choice(["ws", "os", "is"]), default="ws", show_default=True,
+              help="Weight, output or input stationary.")
+@click.option("--pe", default="dense", show_default=True,
+              help="dense, mcbbs:cCrRpP (e.g. mcbbs:c2r4p8), nm:N:M (nm:2:4) or block:N (block:16).")
+@click.option("--sram", default="1024,1024,1024", show_default=True, metavar="KB,KB,KB",
+              help="ifmap, filter and ofmap SRAM sizes in KB (double-buffered).")
+@click.option("--dram-bw", type=float, default=32.0, show_default=True, metavar="BYTES_PER_CYCLE",
+              help="DRAM bandwidth.")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
+              help=".npy (single-input models) or .npz keyed by input name.")
+@click.option("--random", "random_input", is_flag=True, help="Seeded random inputs of the model's input shapes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schemas/simulate-report.schema.json).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the per-layer report as CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a PNG: per-layer cycles dense vs the configured PE, and utilization.")
+def simulate(model_path, array, dataflow, pe, sram, dram_bw, input_path, random_input, seed, as_json, csv_path,
+             plot_path) -> None:
+    """Run a quantized MODEL (QDQ, integer form or packed) on a modelled systolic array.
+
+    Outputs are bit-exact with the integer reference executor; per layer it reports compute and
+    stall cycles, PE utilization, mapping efficiency, SRAM accesses and DRAM bytes.
+
+    \b
+    Examples:
+      onnxsparse simulate int8.onnx --random
+      onnxsparse simulate int8.onnx --input x.npy --array 16x16 --dataflow os --json
+      onnxsparse simulate pruned_int8.onnx --random --pe mcbbs:c2r4p8 --plot cycles.png
+    """
+    from onnxsparse.systolic.array import array_config
+    from onnxsparse.systolic.executor import SystolicExecutor
+
+    config = array_config(array, dataflow, pe, sram, dram_bw)
+    model = _load_quantized(model_path)
+    feeds = _simulation_inputs(model, input_path, random_input, seed)
+    executor = SystolicExecutor(model, config, model_path)
+    with _progress("simulating", len(executor.mac_layers), enabled=not as_json) as advance:
+        report = executor.run(feeds, on_layer=advance)
+    if csv_path:
+        report.write_csv(csv_path)
+    if plot_path:
+        report.plot(plot_path)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    print_simulation(report)
+    for path in (csv_path, plot_path):
+        if path:
+            stdout.print(f"wrote {path}")
+
+
+def print_simulation(report, title: str | None = None, limit: int | None = None) -> None:
+    """The per-layer table (the first `limit` layers when given), totals and outputs."""
+    totals = report.totals
+    table = Table(title=title or f"{report.model} on {report.config.label}", title_justify="left")
+    for header in ("layer", "op", "P x Wn x K", "sparsity", "NZ", "cycles", "dense PE", "stalls", "util",
+                   "map eff", "SRAM rd/wr", "DRAM"):
+        table.add_column(header, justify="left" if header in ("layer", "op", "P x Wn x K") else "right")
+    shown = report.layers if limit is None else report.layers[:limit]
+    for layer in shown:
+        geometry = (f"{layer.output_pixels}x{layer.reduction_length}x{layer.filters}"
+                    + (f" (g{layer.groups})" if layer.groups > 1 else "")) if layer.kind == "mac" else "-"
+        reads = layer.sram_ifmap_reads + layer.sram_filter_reads + layer.sram_ofmap_reads
+        table.add_row(layer.name, layer.op_type, geometry,
+                      _percent(layer.weight_sparsity) if layer.kind == "mac" else "-",
+                      str(layer.kept_per_domain) if layer.sparse else "-", _human(layer.compute_cycles),
+                      _human(layer.dense_cycles), _human(layer.stall_cycles), _percent(layer.utilization),
+                      _percent(layer.mapping_efficiency), f"{_human(reads)}/{_human(layer.sram_ofmap_writes)}",
+                      _bytes(layer.dram_bytes))
+    if len(shown) < len(report.layers):
+        table.add_row(f"... {len(report.layers) - len(shown)} more layers", *[""] * 11)
+    table.add_section()
+    table.add_row(f"total ({totals.layers} layers, {totals.sparse_layers} sparse)", "", "", "", "",
+                  _human(totals.compute_cycles), _human(totals.dense_cycles), _human(totals.stall_cycles),
+                  _percent(totals.utilization), "",
+                  f"{_human(totals.sram_ifmap_reads + totals.sram_filter_reads + totals.sram_ofmap_reads)}/"
+                  f"{_human(totals.sram_ofmap_writes)}", _bytes(totals.dram_bytes))
+    stdout.print(table)
+    stdout.print(f"{_human(totals.total_cycles)} cycles ({_human(totals.compute_cycles)} compute + "
+                 f"{_human(totals.stall_cycles)} stalls); {totals.speedup:.2f}x over the dense PE on compute; "
+                 f"{_human(totals.macs)} MACs; simulated in {report.seconds:.1f} s")
+    for name, value in report.outputs.items():
+        flat = value.reshape(len(value), -1) if value.ndim > 1 else value.reshape(1, -1)
+        stdout.print(f"output {name}: {'x'.join(map(str, value.shape))} {value.dtype}, argmax (first sample) "
+                     f"{int(flat[0].argmax()) if flat.size else '-'}")
+
+
+@cli.command("export-reference")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.argument("out_dir", metavar="OUTDIR", type=click.Path(file_okay=False))
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
+              help=".npy (single-input models) or .npz keyed by input name.")
+@click.option("--random", "random_input", is_flag=True, help="Seeded random inputs of the model's input shapes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--name", help="File name prefix (default: MODEL's stem).")
+def export_reference(model_path, out_dir, input_path, random_input, seed, name) -> None:
+    """Write the hardware reference bundle of a quantized MODEL into OUTDIR.
+
+    <name>_trace.yaml (per-layer topology), <name>_parameters.npz (weights and biases on the
+    quantization grid) and <name>_inout.yaml (reference input and output); docs/REFERENCE_EXPORT.md.
+
+    \b
+    Example:
+      onnxsparse export-reference pruned_int8.onnx ref/ --input x.npy
+    """
+    from onnxsparse.systolic.export import export_reference as write_bundle
+
+    model = _load_quantized(model_path)
+    feeds = _simulation_inputs(model, input_path, random_input, seed)
+    bundle = write_bundle(model, Path(out_dir), name or Path(model_path).stem, feeds)
+    for path in bundle.paths:
+        stdout.print(f"wrote {path}")
+    stdout.print(f"{bundle.layers} layers ({bundle.mac_layers} with weights) exported")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 It grows with the pipeline: today stats -> prune -> stats with held-out accuracy before and after,
 a sweep of every pattern without fine-tuning, W8A8 quantization of the float and the pruned model
 to the integer-only form run by the exact integer reference executor, and packing (W5, Huffman)
-with an exact unpack.
+with an exact unpack, and a run of the integer models on a modelled systolic array.
 """
 
 from __future__ import annotations
@@ -105,6 +105,10 @@ def run_demo(model_path: str | None, train_path: str | None, test_path: str | No
                         sorted(quantized_pruned.graph.initializer, key=lambda i: i.name)))
     print_packed(packed.tensors, f"6. pack the pruned model quantized to W5A8 -> {packed_path}")
     float_bytes = model_path.stat().st_size
+    runtime_accuracy, runtime_exact = _runtime_step(packed.model, quantized_pruned, heldout.inputs, heldout.labels,
+                                                    console)
+
+    simulations = _simulate_step(quantized_rows, pattern, heldout.inputs[:1], console)
 
     console.rule("[bold]report")
     console.print(f"float model              held-out top-1 {100 * float_accuracy:.1f}%")
@@ -116,4 +120,45 @@ def run_demo(model_path: str | None, train_path: str | None, test_path: str | No
                       f"(weight sparsity {100 * sparsity:.1f}%{kept})")
     console.print(f"packed (W5, Huffman)      {packed_path.stat().st_size} bytes, {float_bytes / packed_path.stat().st_size:.1f}x "
                   f"smaller than the float file; unpack restores every weight bit for bit: {restored_exactly}")
+    console.print(f"packed, onnxsparse runtime held-out top-1 {100 * runtime_accuracy:.1f}% (native int8 kernels in "
+                  f"onnxruntime); outputs equal the integer reference's: {runtime_exact}")
+    for label, report, exact in simulations:
+        totals = report.totals
+        console.print(f"{label + ' on ' + report.config.label:<40s} {totals.total_cycles} cycles, "
+                      f"{totals.speedup:.2f}x over the dense PE; outputs equal the integer reference's: {exact}")
     console.print(f"outputs in {out_dir}/")
+
+
+def _runtime_step(packed_model, quantized, inputs: np.ndarray, labels: np.ndarray, console: Console):
+    """6b. The packed model run by onnxsparse's runtime: its sparse layers in the native int8
+    kernels hosted in onnxruntime (docs/RUNTIME.md), on the held-out split."""
+    from onnxsparse.quant.lower import lower_to_integer
+    from onnxsparse.runner import runtime_session
+
+    session = runtime_session(packed_model)
+    logits = session.run(None, {"input": inputs})[0]
+    exact = np.array_equal(logits, ReferenceExecutor(lower_to_integer(quantized)).run({"input": inputs})[0])
+    accuracy = float(np.mean(logits.argmax(axis=1) == labels))
+    console.print(f"6b. run the packed model in onnxsparse's runtime: {len(session.plan.sparse_layers)} layers in "
+                  f"native kernels ({len(session.plan.partition.regions)} regions), held-out top-1 "
+                  f"{100 * accuracy:.1f}%")
+    return accuracy, exact
+
+
+def _simulate_step(quantized_rows, pattern: str, image: np.ndarray, console: Console):
+    """7. The integer models on a 16x16 weight-stationary array: dense PE, and the PE that skips
+    the pruned model's pattern when there is one (docs/SYSTOLIC.md)."""
+    from onnxsparse.cli import print_simulation
+
+    from onnxsparse.systolic.array import array_config, pe_for_pattern
+    from onnxsparse.systolic.executor import simulate
+
+    simulations = []
+    for (label, path, *_), pe in zip(quantized_rows, ("dense", pe_for_pattern(onnxsparse.parse_pattern(pattern)))):
+        model = model_io.load_model(path)
+        report = simulate(model, array_config("16x16", "ws", pe), {"input": image}, str(path))
+        exact = np.array_equal(report.outputs["logits"], ReferenceExecutor(model).run({"input": image})[0])
+        print_simulation(report, f"7. simulate {label} ({path.name}) on a {report.config.label} array, one image",
+                         limit=4)
+        simulations.append((label, report, exact))
+    return simulations

@@ -1,4 +1,5 @@
-"""Run a model on inputs from files or seeded random data, with onnxruntime or the integer reference."""
+"""Run a model on inputs from files or seeded random data: onnxruntime (packed models through
+onnxsparse's runtime) or the integer reference."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxsparse.errors import OnnxSparseError, UsageError
+from onnxsparse.errors import UsageError
 from onnxsparse.model import onnxruntime_session
 
 RUNTIMES = ("ort", "reference")
@@ -60,21 +61,37 @@ def load_inputs(model: onnx.ModelProto, path: str | Path) -> dict[str, np.ndarra
     return {name: arrays[name] for name in names}
 
 
+def runtime_session(model: onnx.ModelProto, threads: int = 2):
+    """onnxsparse's runtime session (native sparse kernels in onnxruntime) on an in-memory model."""
+    import onnxruntime as ort
+
+    from onnxsparse.runtime import InferenceSession
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.inter_op_num_threads = 1
+    return InferenceSession(model, options, threads=threads)
+
+
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runtime: str = "ort") -> dict[str, np.ndarray]:
     """Outputs by name, in graph order."""
     names = [out.name for out in model.graph.output]
-    if any(node.domain == "ai.onnxsparse" for node in model.graph.node):
-        raise OnnxSparseError("this is a packed model; no runtime here executes packed nodes yet: "
-                              "`onnxsparse unpack` it and run the result")
+    packed = any(node.domain == "ai.onnxsparse" for node in model.graph.node)
     if runtime == "ort":
+        session = runtime_session(model, threads=2) if packed else onnxruntime_session(model, threads=2)
         try:
-            values = onnxruntime_session(model, threads=2).run(names, feeds)
+            values = session.run(names, feeds)
         except Exception as exc:  # onnxruntime's own message names the input and what it expected
             raise UsageError(f"onnxruntime rejected the inputs: {str(exc).splitlines()[-1]}") from exc
     elif runtime == "reference":
+        from onnxsparse.formats.pack import unpack_model
+        from onnxsparse.quant.lower import lower_to_integer
         from onnxsparse.quant.reference import ReferenceExecutor
 
-        values = ReferenceExecutor(model).run(feeds)
+        plain = unpack_model(model) if packed else model
+        if any(node.op_type == "QuantizeLinear" for node in plain.graph.node):
+            plain = lower_to_integer(plain)  # a QDQ model runs as the integer model it describes
+        values = ReferenceExecutor(plain).run(feeds)
     else:
         raise UsageError(f"unknown runtime {runtime!r}; use one of: {', '.join(RUNTIMES)}")
     return dict(zip(names, values))

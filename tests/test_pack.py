@@ -163,11 +163,16 @@ def test_unknown_encoding_is_a_usage_error(capsys, digits_quantized, tmp_path):
     assert not (tmp_path / "p.onnx").exists()
 
 
-def test_running_a_packed_model_says_to_unpack_it(capsys, digits_quantized, tmp_path):
-    packed = tmp_path / "p.onnx"
+def test_a_packed_model_runs_in_both_runtimes(capsys, digits_quantized, tmp_path):
+    packed, saved = tmp_path / "p.onnx", {}
     onnxsparse.save_model(pack_model(digits_quantized[8]).model, packed)
-    assert main(["run", str(packed), "--random"]) == 1
-    assert "unpack" in capsys.readouterr().err
+    for runtime in ("ort", "reference"):
+        out = tmp_path / f"{runtime}.npz"
+        assert main(["run", str(packed), "--random", "--runtime", runtime, "--output", str(out)]) == 0
+        with np.load(out) as arrays:
+            saved[runtime] = arrays["logits"]
+    capsys.readouterr()
+    np.testing.assert_array_equal(saved["ort"], saved["reference"])  # the QDQ model runs as its integer form
 
 
 def test_unpack_and_inspect_refuse_tensors_beyond_the_element_bound(monkeypatch, digits_quantized):

@@ -19,6 +19,8 @@ from onnxsparse.formats.errors import FormatError
 DOMAIN = "ai.onnxsparse"
 WEIGHT_INPUT_ATTRIBUTE = "onnxsparse_weight_input"
 RESTORE_ATTRIBUTE = "onnxsparse_restore"
+# The runtime's choice for this layer (docs/RUNTIME.md): {"kernel": "sparse" | "dense", ...}
+EXECUTION_ATTRIBUTE = "onnxsparse_execution"
 QUANTIZATION_METADATA = "onnxsparse.quantization"
 # No CNN weight comes near this many elements (4 GiB as float32): a packed tensor claiming more is
 # refused before it is decoded (a valid csr tensor of zeros can claim any shape cheaply).
@@ -38,6 +40,7 @@ class PackedTensor:
     weight_name: str  # the weight it restores to
     info: PackedInfo
     original_dtype: str
+    kernel_choice: dict | None = None  # the runtime's choice (EXECUTION_ATTRIBUTE), when pack measured it
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,13 @@ class PackResult:
 
 
 def pack_model(model: onnx.ModelProto, *, encoding: str = "auto", huffman: str = "auto", mcbbs_window: int = 4,
-               on_layer: Callable[[str], None] | None = None) -> PackResult:
-    """Pack every weight-bearing node's weight; the input model is not modified."""
+               on_layer: Callable[[str], None] | None = None,
+               choose_kernel: Callable[[onnx.NodeProto], dict] | None = None) -> PackResult:
+    """Pack every weight-bearing node's weight; the input model is not modified.
+
+    `choose_kernel(node)` (the runtime's cost model) returns the record stored on the packed node
+    as EXECUTION_ATTRIBUTE: whether the runtime runs it sparse or leaves it to dense onnxruntime.
+    """
     if any(node.domain == DOMAIN for node in model.graph.node):
         raise OnnxSparseError("the model is already packed; unpack it first")
     if encoding.strip().lower() not in ("auto", *ENCODINGS):
@@ -79,6 +87,10 @@ def pack_model(model: onnx.ModelProto, *, encoding: str = "auto", huffman: str =
         name = model_io.unique_name(lookups, f"{restore['weight']['name']}_packed")
         lookups.initializers[name] = None
         packed.graph.initializer.append(numpy_helper.from_array(np.frombuffer(data, dtype=np.uint8), name))
+        choice = None
+        if choose_kernel is not None:
+            choice = choose_kernel(model.graph.node[ref.node_index])
+            node.attribute.append(helper.make_attribute(EXECUTION_ATTRIBUTE, json.dumps(choice, sort_keys=True)))
         restore.update(op_type=node.op_type, domain=node.domain, weight_input=ref.input_index)
         node.input[ref.input_index] = name
         node.attribute.extend([helper.make_attribute(WEIGHT_INPUT_ATTRIBUTE, ref.input_index),
@@ -87,7 +99,7 @@ def pack_model(model: onnx.ModelProto, *, encoding: str = "auto", huffman: str =
         if dequantize_index is not None:
             dropped.add(dequantize_index)
         tensors.append(PackedTensor(ref.node_name, restore["op_type"], name, restore["weight"]["name"],
-                                    read_info(data), restore["weight"]["dtype"]))
+                                    read_info(data), restore["weight"]["dtype"], choice))
     if dropped:
         kept = [node for index, node in enumerate(packed.graph.node) if index not in dropped]
         del packed.graph.node[:]
@@ -204,7 +216,8 @@ def unpack_model(model: onnx.ModelProto) -> onnx.ModelProto:
             _restore_dequantize(graph, nodes, dequantize, record["name"], info.quantization)
             weight_tensor = dequantize["output"]
         node.input[weight_input] = weight_tensor
-        kept = [a for a in node.attribute if a.name not in (RESTORE_ATTRIBUTE, WEIGHT_INPUT_ATTRIBUTE)]
+        kept = [a for a in node.attribute
+                if a.name not in (RESTORE_ATTRIBUTE, WEIGHT_INPUT_ATTRIBUTE, EXECUTION_ATTRIBUTE)]
         del node.attribute[:]
         node.attribute.extend(kept)
         node.op_type, node.domain = restore["op_type"], restore["domain"]

@@ -57,7 +57,7 @@ class _Step:
     kernel: Kernel
 
 
-class _NodeContext:
+class NodeContext:
     """What a kernel builder knows about one node at construction: attributes, constants, input types."""
 
     def __init__(self, node: onnx.NodeProto, lookups: model_io.GraphIndex, types: dict[str, np.dtype]):
@@ -123,7 +123,7 @@ class _NodeContext:
             raise self.error(f"scales give an unusable requantization multiplier ({exc})") from exc
 
 
-def _per_tensor(context: _NodeContext, value: np.ndarray, what: str) -> np.ndarray:
+def _per_tensor(context: NodeContext, value: np.ndarray, what: str) -> np.ndarray:
     if value.size != 1:
         raise context.error(f"{what} must be a scalar (per tensor), got shape {list(value.shape)}")
     return value.reshape(())
@@ -134,14 +134,14 @@ def _type_range(dtype: np.dtype) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
-def _requantized(accumulator: np.ndarray, multiplier: FixedPointMultiplier, zero_point: np.ndarray,
+def requantized(accumulator: np.ndarray, multiplier: FixedPointMultiplier, zero_point: np.ndarray,
                  dtype: np.dtype) -> np.ndarray:
     """q_y = sat(z_y + R(A, M)) over the output type's full range."""
     low, high = _type_range(dtype)
     return saturate(multiplier.apply(accumulator) + zero_point, low, high, dtype)
 
 
-def _checked_accumulator(context: _NodeContext, accumulator: np.ndarray) -> np.ndarray:
+def checked_accumulator(context: NodeContext, accumulator: np.ndarray) -> np.ndarray:
     if accumulator.size and (accumulator.max() > INT32_MAX or accumulator.min() < INT32_MIN):
         raise context.error("the int32 accumulator overflows; the model's weights or bias are out of range")
     return accumulator
@@ -160,7 +160,7 @@ def _axis_shape(rank: int, axis: int, length: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class _WindowAttrs:
+class WindowAttrs:
     """Kernel, strides, dilations and padding attributes of a conv or pool node."""
 
     kernel: tuple[int, ...]
@@ -171,7 +171,7 @@ class _WindowAttrs:
     ceil_mode: bool
 
     @classmethod
-    def from_node(cls, context: _NodeContext, kernel: Sequence[int], allow_dilations: bool = True) -> _WindowAttrs:
+    def from_node(cls, context: NodeContext, kernel: Sequence[int], allow_dilations: bool = True) -> WindowAttrs:
         rank = len(kernel)
         strides = tuple(context.attr("strides", [1] * rank))
         dilations = tuple(context.attr("dilations", [1] * rank))
@@ -193,7 +193,7 @@ class _WindowAttrs:
         """Input positions one window spans along each axis (dilations included)."""
         return tuple((k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations))
 
-    def layout(self, context: _NodeContext, spatial: Sequence[int]) -> _WindowLayout:
+    def layout(self, context: NodeContext, spatial: Sequence[int]) -> _WindowLayout:
         rank = len(self.kernel)
         if len(spatial) != rank:
             raise context.error(f"input has {len(spatial)} spatial axes, the kernel {rank}")
@@ -223,7 +223,7 @@ class _WindowAttrs:
 class _WindowLayout:
     """The windows of one input shape: resolved pads and the output's spatial shape."""
 
-    attrs: _WindowAttrs
+    attrs: WindowAttrs
     in_shape: tuple[int, ...]
     pads_begin: tuple[int, ...]
     pads_end: tuple[int, ...]
@@ -257,22 +257,22 @@ class _WindowLayout:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel builders: one per op, registered in _BUILDERS
+# Kernel builders: one per op, registered in BUILDERS
 # ---------------------------------------------------------------------------------------------
 
-_BUILDERS: dict[tuple[str, str], Callable[[_NodeContext], _Built]] = {}
+BUILDERS: dict[tuple[str, str], Callable[[NodeContext], _Built]] = {}
 
 
 def _builds(domain: str, *op_types: str):
     def register(builder):
         for op_type in op_types:
-            _BUILDERS[(domain, op_type)] = builder
+            BUILDERS[(domain, op_type)] = builder
         return builder
     return register
 
 
 @_builds("", "QuantizeLinear")
-def _quantize_linear(context: _NodeContext) -> _Built:
+def _quantize_linear(context: NodeContext) -> _Built:
     if context.attr("block_size", 0):
         raise context.error("blocked quantization is not supported")
     if context.input_type(0) != np.float32:
@@ -296,7 +296,7 @@ def _quantize_linear(context: _NodeContext) -> _Built:
 
 
 @_builds("", "DequantizeLinear")
-def _dequantize_linear(context: _NodeContext) -> _Built:
+def _dequantize_linear(context: NodeContext) -> _Built:
     if context.attr("block_size", 0):
         raise context.error("blocked quantization is not supported")
     in_type = context.input_type(0)
@@ -314,7 +314,7 @@ def _dequantize_linear(context: _NodeContext) -> _Built:
 class _PerAxis:
     """Quantize/Dequantize parameters: one value, or one per index of `axis`."""
 
-    def __init__(self, context: _NodeContext, scale: np.ndarray, zero_point: np.ndarray):
+    def __init__(self, context: NodeContext, scale: np.ndarray, zero_point: np.ndarray):
         if zero_point.shape not in ((), scale.shape):
             raise context.error("the zero point's shape must match the scale's")
         if scale.ndim > 1:
@@ -332,7 +332,7 @@ class _PerAxis:
 
 
 @_builds("", "QLinearConv")
-def _qlinear_conv(context: _NodeContext) -> _Built:
+def _qlinear_conv(context: NodeContext) -> _Built:
     x_type = context.quantized_type(0, "x")
     weight_type = context.quantized_type(3, "w")
     y_type = context.quantized_type(7, "y_zero_point")
@@ -343,7 +343,7 @@ def _qlinear_conv(context: _NodeContext) -> _Built:
     out_channels, spatial_rank, groups = weight.shape[0], weight.ndim - 2, int(context.attr("group", 1))
     if spatial_rank < 1 or groups < 1 or out_channels % groups:
         raise context.error(f"weight shape {list(weight.shape)} does not fit group={groups}")
-    attrs = _WindowAttrs.from_node(context, context.attr("kernel_shape", weight.shape[2:]))
+    attrs = WindowAttrs.from_node(context, context.attr("kernel_shape", weight.shape[2:]))
     if attrs.kernel != weight.shape[2:]:
         raise context.error(f"kernel_shape {list(attrs.kernel)} does not match the weight {list(weight.shape)}")
     channel_shape = (out_channels,) + (1,) * spatial_rank
@@ -382,12 +382,12 @@ def _qlinear_conv(context: _NodeContext) -> _Built:
         accumulator = accumulator.reshape((batch, out_channels) + layout.out_shape)
         if bias is not None:
             accumulator = accumulator + bias
-        return [_requantized(_checked_accumulator(context, accumulator), multiplier, y_zero_point, y_type)]
+        return [requantized(checked_accumulator(context, accumulator), multiplier, y_zero_point, y_type)]
     return _Built(run, (y_type,))
 
 
 @_builds("", "QLinearMatMul")
-def _qlinear_matmul(context: _NodeContext) -> _Built:
+def _qlinear_matmul(context: NodeContext) -> _Built:
     (a_zero_point, b_scale, b_zero_point, y_type, y_zero_point), a_scale, y_scale = \
         _matmul_parameters(context, y_scale_at=6), context.scale(1, "a_scale"), context.scale(6, "y_scale")
     _check_per_column(context, b_scale, b_zero_point)
@@ -398,11 +398,11 @@ def _qlinear_matmul(context: _NodeContext) -> _Built:
         if min(a.ndim, b.ndim) < 2:
             raise context.error("inputs of rank below 2 are not supported")
         accumulator = np.matmul(a.astype(np.int64) - a_zero_point, b.astype(np.int64) - b_zero_point)
-        return [_requantized(_checked_accumulator(context, accumulator), multiplier, y_zero_point, y_type)]
+        return [requantized(checked_accumulator(context, accumulator), multiplier, y_zero_point, y_type)]
     return _Built(run, (y_type,))
 
 
-def _matmul_parameters(context: _NodeContext, y_scale_at: int):
+def _matmul_parameters(context: NodeContext, y_scale_at: int):
     """(a zero point, b scale, b zero point, y type, y zero point) of QLinearMatMul and QGemm: both
     take a, a_scale, a_zero_point, b, b_scale, b_zero_point first; y_scale and y_zero_point follow
     at y_scale_at (after QGemm's bias)."""
@@ -413,7 +413,7 @@ def _matmul_parameters(context: _NodeContext, y_scale_at: int):
             context.zero_point(y_scale_at + 1, "y_zero_point", y_type))
 
 
-def _check_per_column(context: _NodeContext, b_scale: np.ndarray, b_zero_point: np.ndarray) -> None:
+def _check_per_column(context: NodeContext, b_scale: np.ndarray, b_zero_point: np.ndarray) -> None:
     """b's parameters: per tensor, or per column (shape [N] or [..., 1, N])."""
     if b_zero_point.ndim and b_zero_point.shape != b_scale.shape:
         raise context.error("b_zero_point's shape must match b_scale's")
@@ -422,7 +422,7 @@ def _check_per_column(context: _NodeContext, b_scale: np.ndarray, b_zero_point: 
 
 
 @_builds(MICROSOFT, "QGemm")
-def _qgemm(context: _NodeContext) -> _Built:
+def _qgemm(context: NodeContext) -> _Built:
     if float(context.attr("alpha", 1.0)) != 1.0:
         raise context.error("alpha other than 1.0 is not supported")
     if not (context.has_input(7) and context.has_input(8)):  # onnxruntime then outputs float32
@@ -446,12 +446,12 @@ def _qgemm(context: _NodeContext) -> _Built:
         accumulator = np.matmul(a.astype(np.int64) - a_zero_point, b.astype(np.int64) - b_zero_point)
         if bias is not None:
             accumulator = accumulator + bias.astype(np.int64)
-        return [_requantized(_checked_accumulator(context, accumulator), multiplier, y_zero_point, y_type)]
+        return [requantized(checked_accumulator(context, accumulator), multiplier, y_zero_point, y_type)]
     return _Built(run, (y_type,))
 
 
 @_builds(MICROSOFT, "QLinearAdd")
-def _qlinear_add(context: _NodeContext) -> _Built:
+def _qlinear_add(context: NodeContext) -> _Built:
     value_type = context.quantized_type(0, "A")
     if context.input_type(3) != value_type:
         raise context.error(f"B is {context.input_type(3)}, A is {value_type}")
@@ -470,7 +470,7 @@ def _qlinear_add(context: _NodeContext) -> _Built:
 
 
 @_builds(MICROSOFT, "QLinearConcat")
-def _qlinear_concat(context: _NodeContext) -> _Built:
+def _qlinear_concat(context: NodeContext) -> _Built:
     y_type = context.quantized_type(1, "Y_zero_point")
     y_scale, y_zero_point = context.scale(0, "Y_scale"), context.zero_point(1, "Y_zero_point", y_type)
     if len(context.node.input) < 5 or (len(context.node.input) - 2) % 3:
@@ -499,12 +499,12 @@ def _qlinear_concat(context: _NodeContext) -> _Built:
                 parts.append(values)
             else:
                 multiplier, zero_point = rescale
-                parts.append(_requantized(values.astype(np.int64) - zero_point, multiplier, y_zero_point, y_type))
+                parts.append(requantized(values.astype(np.int64) - zero_point, multiplier, y_zero_point, y_type))
         return [np.concatenate(parts, axis=axis)]
     return _Built(run, (y_type,))
 
 
-def _pool_parameters(context: _NodeContext):
+def _pool_parameters(context: NodeContext):
     """(type, x_scale, x_zero_point, y_scale, y_zero_point) of QLinear(Global)AveragePool."""
     value_type = context.quantized_type(0, "X")
     return (value_type, context.scale(1, "x_scale"), context.zero_point(2, "x_zero_point", value_type),
@@ -519,14 +519,14 @@ def _channels_restored(values: np.ndarray, channels_last: bool) -> np.ndarray:
     return np.moveaxis(values, 1, -1) if channels_last else values
 
 
-def _average_multiplier(context: _NodeContext, x_scale: np.ndarray, y_scale: np.ndarray,
+def _average_multiplier(context: NodeContext, x_scale: np.ndarray, y_scale: np.ndarray,
                         counts: np.ndarray) -> FixedPointMultiplier:
     """M = s_x / (s_y · n) per window, n its element count."""
     return context.multiplier(lambda: average_multiplier(x_scale, y_scale, counts))
 
 
 @_builds(MICROSOFT, "QLinearGlobalAveragePool")
-def _qlinear_global_average_pool(context: _NodeContext) -> _Built:
+def _qlinear_global_average_pool(context: NodeContext) -> _Built:
     value_type, x_scale, x_zero_point, y_scale, y_zero_point = _pool_parameters(context)
     channels_last = bool(context.attr("channels_last", 0))
 
@@ -537,16 +537,16 @@ def _qlinear_global_average_pool(context: _NodeContext) -> _Built:
         spatial_axes = tuple(range(2, x.ndim))
         accumulator = (x.astype(np.int64) - x_zero_point).sum(axis=spatial_axes, keepdims=True)
         multiplier = _average_multiplier(context, x_scale, y_scale, np.array(np.prod(x.shape[2:])))
-        return [_channels_restored(_requantized(accumulator, multiplier, y_zero_point, value_type), channels_last)]
+        return [_channels_restored(requantized(accumulator, multiplier, y_zero_point, value_type), channels_last)]
     return _Built(run, (value_type,))
 
 
 @_builds(MICROSOFT, "QLinearAveragePool")
-def _qlinear_average_pool(context: _NodeContext) -> _Built:
+def _qlinear_average_pool(context: NodeContext) -> _Built:
     value_type, x_scale, x_zero_point, y_scale, y_zero_point = _pool_parameters(context)
     if "kernel_shape" not in context.attrs:
         raise context.error("the kernel_shape attribute is required")
-    attrs = _WindowAttrs.from_node(context, context.attr("kernel_shape"), allow_dilations=False)
+    attrs = WindowAttrs.from_node(context, context.attr("kernel_shape"), allow_dilations=False)
     channels_last = bool(context.attr("channels_last", 0))
     include_pad = bool(context.attr("count_include_pad", 0))
 
@@ -556,18 +556,18 @@ def _qlinear_average_pool(context: _NodeContext) -> _Built:
         windows = layout.windows(x.astype(np.int64) - x_zero_point, 0)
         accumulator = windows.sum(axis=tuple(range(-len(attrs.kernel), 0)))
         multiplier = _average_multiplier(context, x_scale, y_scale, layout.counts(include_pad))
-        return [_channels_restored(_requantized(accumulator, multiplier, y_zero_point, value_type), channels_last)]
+        return [_channels_restored(requantized(accumulator, multiplier, y_zero_point, value_type), channels_last)]
     return _Built(run, (value_type,))
 
 
 @_builds("", "MaxPool")
-def _max_pool(context: _NodeContext) -> _Built:
+def _max_pool(context: NodeContext) -> _Built:
     value_type = context.quantized_type(0, "X")
     if len(context.node.output) > 1 and context.node.output[1]:
         raise context.error("the Indices output is not supported")
     if "kernel_shape" not in context.attrs:
         raise context.error("the kernel_shape attribute is required")
-    attrs = _WindowAttrs.from_node(context, context.attr("kernel_shape"))
+    attrs = WindowAttrs.from_node(context, context.attr("kernel_shape"))
     lowest = _type_range(value_type)[0]
 
     def run(inputs):
@@ -577,7 +577,7 @@ def _max_pool(context: _NodeContext) -> _Built:
 
 
 @_builds("", "Max")
-def _max(context: _NodeContext) -> _Built:
+def _max(context: NodeContext) -> _Built:
     """max(q, c) with c a constant of q's type: a ReLU on the grid when c is the zero point."""
     value_type = context.quantized_type(0, "X")
     if len(context.node.input) != 2:
@@ -589,23 +589,32 @@ def _max(context: _NodeContext) -> _Built:
 
 
 @_builds("", "Constant")
-def _constant(context: _NodeContext) -> _Built:
+def _constant(context: NodeContext) -> _Built:
     value = context.constant_output()
     return _Built(lambda inputs: [value], (value.dtype,))
 
 
-def _same_type(make_kernel: Callable[[_NodeContext], Kernel]) -> Callable[[_NodeContext], _Built]:
+def _same_type(make_kernel: Callable[[NodeContext], Kernel]) -> Callable[[NodeContext], _Built]:
     """A builder for a shape op: any element type, output of the input's type."""
-    def build(context: _NodeContext) -> _Built:
+    def build(context: NodeContext) -> _Built:
         return _Built(make_kernel(context), (context.input_type(0),))
     return build
 
 
-def _identity(context: _NodeContext) -> Kernel:
+def _identity(context: NodeContext) -> Kernel:
     return lambda inputs: [inputs[0]]
 
 
-def _flatten(context: _NodeContext) -> Kernel:
+@_builds("", "Dropout")
+def _dropout(context: NodeContext) -> _Built:
+    """Inference Dropout: the identity, and an all-true mask when one is asked for."""
+    if context.has_input(2) and bool(context.constant(2, "training_mode")):
+        raise context.error("training-mode Dropout is not supported")
+    return _Built(lambda inputs: [inputs[0], np.ones(inputs[0].shape, bool)],
+                  (context.input_type(0), np.dtype(bool)))
+
+
+def _flatten(context: NodeContext) -> Kernel:
     axis = int(context.attr("axis", 1))
 
     def run(inputs):
@@ -615,7 +624,7 @@ def _flatten(context: _NodeContext) -> Kernel:
     return run
 
 
-def _reshape(context: _NodeContext) -> Kernel:
+def _reshape(context: NodeContext) -> Kernel:
     allow_zero = bool(context.attr("allowzero", 0))
 
     def run(inputs):
@@ -625,12 +634,12 @@ def _reshape(context: _NodeContext) -> Kernel:
     return run
 
 
-def _transpose(context: _NodeContext) -> Kernel:
+def _transpose(context: NodeContext) -> Kernel:
     perm = context.attr("perm")
     return lambda inputs: [np.transpose(inputs[0], perm)]
 
 
-def _axes(context: _NodeContext, inputs: list[np.ndarray | None]) -> tuple[int, ...] | None:
+def _axes(context: NodeContext, inputs: list[np.ndarray | None]) -> tuple[int, ...] | None:
     """Squeeze/Unsqueeze axes: the input (opset 13 on) or the attribute (older)."""
     if len(inputs) > 1 and inputs[1] is not None:
         return tuple(int(axis) for axis in inputs[1])
@@ -638,11 +647,11 @@ def _axes(context: _NodeContext, inputs: list[np.ndarray | None]) -> tuple[int, 
     return None if axes is None else tuple(axes)
 
 
-def _squeeze(context: _NodeContext) -> Kernel:
+def _squeeze(context: NodeContext) -> Kernel:
     return lambda inputs: [np.squeeze(inputs[0], axis=_axes(context, inputs))]
 
 
-def _unsqueeze(context: _NodeContext) -> Kernel:
+def _unsqueeze(context: NodeContext) -> Kernel:
     def run(inputs):
         axes = _axes(context, inputs)
         if axes is None:
@@ -653,10 +662,10 @@ def _unsqueeze(context: _NodeContext) -> Kernel:
 
 for _op_type, _kernel in (("Identity", _identity), ("Flatten", _flatten), ("Reshape", _reshape),
                           ("Transpose", _transpose), ("Squeeze", _squeeze), ("Unsqueeze", _unsqueeze)):
-    _BUILDERS[("", _op_type)] = _same_type(_kernel)
+    BUILDERS[("", _op_type)] = _same_type(_kernel)
 
 
-def _float_only(context: _NodeContext) -> np.dtype:
+def _float_only(context: NodeContext) -> np.dtype:
     """Relu, Clip, Softmax belong to float islands: the integer form has them only on float tensors."""
     dtype = context.input_type(0)
     if np.issubdtype(dtype, np.integer):
@@ -669,13 +678,13 @@ def _float_only(context: _NodeContext) -> np.dtype:
 
 
 @_builds("", "Relu")
-def _relu(context: _NodeContext) -> _Built:
+def _relu(context: NodeContext) -> _Built:
     dtype = _float_only(context)
     return _Built(lambda inputs: [np.maximum(inputs[0], dtype.type(0))], (dtype,))
 
 
 @_builds("", "Clip")
-def _clip(context: _NodeContext) -> _Built:
+def _clip(context: NodeContext) -> _Built:
     dtype = _float_only(context)
 
     def run(inputs):
@@ -686,7 +695,7 @@ def _clip(context: _NodeContext) -> _Built:
 
 
 @_builds("", "Softmax")
-def _softmax(context: _NodeContext) -> _Built:
+def _softmax(context: NodeContext) -> _Built:
     dtype = _float_only(context)
     axis = int(context.attr("axis", -1))
 
@@ -696,7 +705,7 @@ def _softmax(context: _NodeContext) -> _Built:
     return _Built(run, (dtype,))
 
 
-SUPPORTED_OPS: frozenset[tuple[str, str]] = frozenset(_BUILDERS)
+SUPPORTED_OPS: frozenset[tuple[str, str]] = frozenset(BUILDERS)
 
 
 def _supported_list() -> str:
@@ -723,11 +732,11 @@ class ReferenceExecutor:
         self._required = [name for name in self._inputs if name not in self._constants]
         types = {name: value.dtype for name, value in self._constants.items()}
         for name, inp in self._inputs.items():
-            types[name] = _declared_type(inp)
+            types[name] = declared_type(inp)
         self._steps: list[_Step] = []
         for node in graph.node:
-            context = _NodeContext(node, lookups, types)
-            builder = _BUILDERS.get((_domain(node), node.op_type))
+            context = NodeContext(node, lookups, types)
+            builder = BUILDERS.get((node_domain(node), node.op_type))
             if builder is None:
                 raise context.error(f"not supported by the integer reference executor; supported: {_supported_list()}")
             for name in node.input:
@@ -791,11 +800,11 @@ class ReferenceExecutor:
         return checked
 
 
-def _domain(node: onnx.NodeProto) -> str:
+def node_domain(node: onnx.NodeProto) -> str:
     return "" if node.domain in ("", "ai.onnx") else node.domain
 
 
-def _declared_type(value_info: onnx.ValueInfoProto) -> np.dtype:
+def declared_type(value_info: onnx.ValueInfoProto) -> np.dtype:
     if not value_info.type.HasField("tensor_type"):
         raise OnnxSparseError(f"graph input {value_info.name}: only tensor inputs are supported")
     return np.dtype(helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type))

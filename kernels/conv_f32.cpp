@@ -1,0 +1,186 @@
+// float32 sparse convolution: vectorized over output pixels (8 per ymm), weights broadcast.
+// Block kernel: 4 output channels x 24 pixels (12 accumulators); one-row (CSR) kernel: 1 x 24.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "conv_kernels.h"
+
+namespace onnxsparse {
+
+namespace {
+
+constexpr int64_t kChunk = 24;       // pixels per micro-kernel call
+constexpr int64_t kTileTarget = 384;  // wide pixels per work item
+
+// Accumulate rows [row, row + R) of a block over one chunk into out[r * out_stride + i].
+template <int R>
+void chunk_scalar(const float* x, const int64_t* offsets, int64_t terms, const float* weights, int64_t stride,
+                  float* out, int64_t out_stride) {
+    float acc[R][kChunk] = {};
+    for (int64_t t = 0; t < terms; ++t) {
+        const float* in = x + offsets[t];
+        for (int r = 0; r < R; ++r) {
+            const float w = weights[t * stride + r];
+            for (int64_t i = 0; i < kChunk; ++i) acc[r][i] += w * in[i];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int64_t i = 0; i < kChunk; ++i) out[r * out_stride + i] = acc[r][i];
+}
+
+void epilogue_scalar(const float* acc, float* y, const float* residual, float bias, float low, float high,
+                     int64_t length) {
+    for (int64_t i = 0; i < length; ++i) {
+        float v = acc[i] + bias;
+        if (residual) v += residual[i];
+        v = v < low ? low : v;
+        y[i] = v > high ? high : v;
+    }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// Accumulators are named variables: gcc spills arrays of __m256 to the stack on every iteration.
+void chunk4_avx2(const float* x, const int64_t* offsets, int64_t terms, const float* weights, int64_t stride,
+                 float* out, int64_t out_stride) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+    __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+    for (int64_t t = 0; t < terms; ++t) {
+        const float* in = x + offsets[t];
+        const __m256 x0 = _mm256_loadu_ps(in), x1 = _mm256_loadu_ps(in + 8), x2 = _mm256_loadu_ps(in + 16);
+        const float* w = weights + t * stride;
+        __m256 wr = _mm256_broadcast_ss(w);
+        a00 = _mm256_fmadd_ps(wr, x0, a00);
+        a01 = _mm256_fmadd_ps(wr, x1, a01);
+        a02 = _mm256_fmadd_ps(wr, x2, a02);
+        wr = _mm256_broadcast_ss(w + 1);
+        a10 = _mm256_fmadd_ps(wr, x0, a10);
+        a11 = _mm256_fmadd_ps(wr, x1, a11);
+        a12 = _mm256_fmadd_ps(wr, x2, a12);
+        wr = _mm256_broadcast_ss(w + 2);
+        a20 = _mm256_fmadd_ps(wr, x0, a20);
+        a21 = _mm256_fmadd_ps(wr, x1, a21);
+        a22 = _mm256_fmadd_ps(wr, x2, a22);
+        wr = _mm256_broadcast_ss(w + 3);
+        a30 = _mm256_fmadd_ps(wr, x0, a30);
+        a31 = _mm256_fmadd_ps(wr, x1, a31);
+        a32 = _mm256_fmadd_ps(wr, x2, a32);
+    }
+    const __m256 rows[4][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
+    for (int r = 0; r < 4; ++r)
+        for (int v = 0; v < 3; ++v) _mm256_storeu_ps(out + r * out_stride + 8 * v, rows[r][v]);
+}
+
+void chunk1_avx2(const float* x, const int64_t* offsets, int64_t terms, const float* weights, int64_t stride,
+                 float* out, int64_t) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0;
+    for (int64_t t = 0; t < terms; ++t) {
+        const float* in = x + offsets[t];
+        const __m256 wr = _mm256_broadcast_ss(weights + t * stride);
+        a0 = _mm256_fmadd_ps(wr, _mm256_loadu_ps(in), a0);
+        a1 = _mm256_fmadd_ps(wr, _mm256_loadu_ps(in + 8), a1);
+        a2 = _mm256_fmadd_ps(wr, _mm256_loadu_ps(in + 16), a2);
+    }
+    _mm256_storeu_ps(out, a0);
+    _mm256_storeu_ps(out + 8, a1);
+    _mm256_storeu_ps(out + 16, a2);
+}
+
+void epilogue_avx2(const float* acc, float* y, const float* residual, float bias, float low, float high,
+                   int64_t length) {
+    const __m256 vbias = _mm256_set1_ps(bias), vlow = _mm256_set1_ps(low), vhigh = _mm256_set1_ps(high);
+    int64_t i = 0;
+    for (; i + 8 <= length; i += 8) {
+        __m256 v = _mm256_add_ps(_mm256_loadu_ps(acc + i), vbias);
+        if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual + i));
+        v = _mm256_min_ps(vhigh, _mm256_max_ps(vlow, v));  // NaN passes through
+        _mm256_storeu_ps(y + i, v);
+    }
+    epilogue_scalar(acc + i, y + i, residual ? residual + i : nullptr, bias, low, high, length - i);
+}
+
+#pragma GCC pop_options
+
+using ChunkFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, float*, int64_t);
+using EpilogueFn = void (*)(const float*, float*, const float*, float, float, float, int64_t);
+
+}  // namespace
+
+ConvF32Kernel::ConvF32Kernel(const ConvAttrs& attrs, const float* weight, const float* bias, float clamp_min,
+                             float clamp_max)
+    : attrs_(attrs), clamp_min_(clamp_min), clamp_max_(clamp_max) {
+    attrs_.validate();
+    if (std::isnan(clamp_min) || std::isnan(clamp_max) || clamp_min > clamp_max)
+        throw ConvError("clamp_min must be <= clamp_max (and neither NaN)");
+    encoding_ = encode_weight<float, float>(attrs_, weight, false, &weights_);
+    if (bias)
+        bias_.assign(bias, bias + attrs_.out_channels);
+    else
+        bias_.assign(attrs_.out_channels, 0.0f);
+}
+
+void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_w, const float* residual,
+                        float* y) const {
+    const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunk, true);
+    if (batch == 0) return;
+    std::unique_ptr<Buffer<float>> prepared_buffer;
+    const float* prepared = x;
+    if (!geo.direct) {
+        prepared_buffer = std::make_unique<Buffer<float>>(geo.prepared_size);
+        prepare_input(attrs_, geo, x, prepared_buffer->get(), 0.0f, [](float v) { return v; });
+        prepared = prepared_buffer->get();
+    }
+    const std::vector<int64_t> offsets = term_offsets(attrs_, geo, encoding_);
+    const int64_t blocks = static_cast<int64_t>(encoding_.blocks.size());
+    const Tiling tiling = make_tiling(geo, blocks, kTileTarget, kChunk);
+    const bool avx2 = simd_level() == SimdLevel::avx2;
+    const ChunkFn chunk4 = avx2 ? chunk4_avx2 : chunk_scalar<4>;
+    const ChunkFn chunk1 = avx2 ? chunk1_avx2 : chunk_scalar<1>;
+    const EpilogueFn epilogue = avx2 ? epilogue_avx2 : epilogue_scalar;
+    const int64_t row_length = tiling.max_tile + 2 * kChunk;
+    const int64_t out_plane = geo.out_h * geo.out_w, channels = attrs_.in_channels();
+
+const int threads = num_threads();
+    std::vector<std::unique_ptr<Buffer<float>>> scratches(threads);
+    parallel_for(tiling.items, threads, [&](int64_t item, int thread) {
+        if (!scratches[thread]) scratches[thread] = std::make_unique<Buffer<float>>(16 * row_length);
+        Buffer<float>& scratch = *scratches[thread];
+        const int64_t n = item / (tiling.tiles * blocks), tile = item / blocks % tiling.tiles;
+        const Block& block = encoding_.blocks[item % blocks];
+        const int64_t q0 = tiling.tile_begin(tile, geo.wide_pixels);
+        const int64_t q1 = tiling.tile_begin(tile + 1, geo.wide_pixels);
+        const float* x_group =
+            prepared + (n * channels + block.group * attrs_.channels_per_group) * geo.channel_stride;
+        const int64_t* block_offsets = offsets.data() + block.term_begin;
+        const int64_t terms = block.term_end - block.term_begin;
+        const float* block_weights = weights_.data() + block.weight_begin;
+        // Rows outer, pixels inner: a 4-row slice of the block's weights stays in L1 while the
+        // tile's pixels stream past it.
+        const int64_t row_step = block.stride == 1 ? 1 : 4;
+        for (int64_t row = 0; row < block.rows; row += row_step) {
+            for (int64_t q = q0; q < q1; q += kChunk) {
+                // Reading past the last pixel is only safe in a prepared (slack-padded) input.
+                const int64_t start = geo.direct ? std::min(q, geo.wide_pixels - kChunk) : q;
+                float* out = scratch.get() + row * row_length + (start - q0 + kChunk);
+                if (block.stride == 1)
+                    chunk1(x_group + start, block_offsets, terms, block_weights, 1, out, row_length);
+                else
+                    chunk4(x_group + start, block_offsets, terms, block_weights + row, block.stride, out, row_length);
+            }
+        }
+        for (int64_t row = 0; row < block.rows; ++row) {
+            const int64_t o = block.out0 + row;
+            float* y_plane = y + (n * attrs_.out_channels + o) * out_plane;
+            const float* residual_plane = residual ? residual + (n * attrs_.out_channels + o) * out_plane : nullptr;
+            const float* acc = scratch.get() + row * row_length + kChunk;
+            for_each_output_run(geo, q0, q1, [&](int64_t wide, int64_t out, int64_t length) {
+                epilogue(acc + (wide - q0), y_plane + out, residual_plane ? residual_plane + out : nullptr, bias_[o],
+                         clamp_min_, clamp_max_, length);
+            });
+        }
+    });
+}
+
+}  // namespace onnxsparse

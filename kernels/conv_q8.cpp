@@ -1,0 +1,571 @@
+// 8-bit sparse convolution with the exact integer rules of docs/ARITHMETIC.md.
+//
+// Activations are centered (x - x_zp) into int16 once per run. Terms of a block are taken two
+// at a time: the two input streams are interleaved (vpunpck[lh]wd) and multiplied by a
+// broadcast int16 weight pair with vpmaddwd into int32 (never vpmaddubsw, whose int16
+// saturation corrupts full-range int8 weights on non-VNNI CPUs). Block kernel: 4 output
+// channels x 16 pixels; one-row (CSR) kernel: 1 x 16.
+//
+// Requantization R(acc) = rhe(acc * multiplier / 2**shift). The scalar path computes it in
+// int64 exactly as arithmetic.py. The AVX2 path without a fused add works in float32 with an
+// exact fallback near rounding ties (epilogue_float_avx2). With a fused add it computes
+// t = acc * (multiplier * 2**-shift) in float64: acc and M are exact doubles and the product has relative error <= 2**-53, so for
+// |t| < 2**10 the error is < 2**-43 while t is a multiple of 2**-shift; with shift <= 42 the
+// error can never move t across (or onto) a rounding boundary k + 1/2, so rounding half-even
+// gives exactly R(acc). |t| >= 2**10 saturates any 8-bit output either way. Channels with a
+// larger shift use the int64 path. The fused residual add is exact in float64 (all integers
+// stay below 2**53 and scaling by 2**-shift is exact).
+#include <immintrin.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "conv_kernels.h"
+
+namespace onnxsparse {
+
+namespace {
+
+constexpr int64_t kChunk = 16;
+constexpr int64_t kTileTarget = 896;
+constexpr int64_t kMaxFloatShift = 42;
+
+int64_t shift_round_half_even(int64_t value, int64_t shift) {
+    if (shift == 0) return value;
+    const int64_t floor = value >> shift;  // arithmetic shift (gcc, C++20 defined)
+    const int64_t rest = value & ((int64_t(1) << shift) - 1);
+    const int64_t half = int64_t(1) << (shift - 1);
+    return floor + (rest > half || (rest == half && (floor & 1)));
+}
+
+int64_t clamp(int64_t v, int64_t low, int64_t high) { return v < low ? low : v > high ? high : v; }
+
+// Per output channel constants of the epilogue.
+struct Requant {
+    int64_t bias, multiplier, shift, y_zero_point, low, high;
+    double real_multiplier;
+    const ResidualAdd* add;  // nullable
+};
+
+template <typename YT>
+void epilogue_scalar(const int32_t* acc, YT* y, const YT* residual, const Requant& q, int64_t length) {
+    for (int64_t i = 0; i < length; ++i) {
+        const int64_t value = static_cast<int64_t>(acc[i]) + q.bias;
+        int64_t out = clamp(q.y_zero_point + shift_round_half_even(value * q.multiplier, q.shift), q.low, q.high);
+        if (q.add) {
+            const int64_t total = (out - q.y_zero_point) * q.add->factor_conv +
+                                  (static_cast<int64_t>(residual[i]) - q.add->residual_zero_point) * q.add->factor_residual;
+            out = clamp(q.add->out_zero_point + shift_round_half_even(total, q.add->shift), q.low, q.high);
+        }
+        y[i] = static_cast<YT>(out);
+    }
+}
+
+template <int R>
+void chunk_scalar(const int16_t* x, const int64_t* offsets, int64_t pairs, const int32_t* weights, int64_t stride,
+                  int32_t* out, int64_t out_stride) {
+    int32_t acc[R][kChunk] = {};
+    for (int64_t p = 0; p < pairs; ++p) {
+        const int16_t* first = x + offsets[2 * p];
+        const int16_t* second = x + offsets[2 * p + 1];
+        for (int r = 0; r < R; ++r) {
+            const uint32_t pair = static_cast<uint32_t>(weights[p * stride + r]);
+            const int32_t w0 = static_cast<int16_t>(pair & 0xFFFF), w1 = static_cast<int16_t>(pair >> 16);
+            for (int64_t i = 0; i < kChunk; ++i) acc[r][i] += first[i] * w0 + second[i] * w1;
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int64_t i = 0; i < kChunk; ++i) out[r * out_stride + i] = acc[r][i];
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// Accumulators are named variables: gcc spills arrays of __m256i to the stack on every iteration.
+#define ONNXSPARSE_MADD(acc, x, w) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
+
+inline void store_pixels16(int32_t* out, __m256i low, __m256i high) {
+    // low holds pixels 0-3 and 8-11, high 4-7 and 12-15
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(low, high, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(low, high, 0x31));
+}
+
+void chunk4_avx2(const int16_t* x, const int64_t* offsets, int64_t pairs, const int32_t* weights, int64_t stride,
+                 int32_t* out, int64_t out_stride) {
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    for (int64_t p = 0; p < pairs; ++p) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[2 * p]));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[2 * p + 1]));
+        // (first, second) int16 pairs of pixels 0-3 and 8-11 | 4-7 and 12-15
+        const __m256i low = _mm256_unpacklo_epi16(a, b), high = _mm256_unpackhi_epi16(a, b);
+        const int32_t* w = weights + p * stride;
+        __m256i wr = _mm256_set1_epi32(w[0]);
+        ONNXSPARSE_MADD(a00, low, wr);
+        ONNXSPARSE_MADD(a01, high, wr);
+        wr = _mm256_set1_epi32(w[1]);
+        ONNXSPARSE_MADD(a10, low, wr);
+        ONNXSPARSE_MADD(a11, high, wr);
+        wr = _mm256_set1_epi32(w[2]);
+        ONNXSPARSE_MADD(a20, low, wr);
+        ONNXSPARSE_MADD(a21, high, wr);
+        wr = _mm256_set1_epi32(w[3]);
+        ONNXSPARSE_MADD(a30, low, wr);
+        ONNXSPARSE_MADD(a31, high, wr);
+    }
+    store_pixels16(out, a00, a01);
+    store_pixels16(out + out_stride, a10, a11);
+    store_pixels16(out + 2 * out_stride, a20, a21);
+    store_pixels16(out + 3 * out_stride, a30, a31);
+}
+
+void chunk1_avx2(const int16_t* x, const int64_t* offsets, int64_t pairs, const int32_t* weights, int64_t stride,
+                 int32_t* out, int64_t) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+    for (int64_t p = 0; p < pairs; ++p) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[2 * p]));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[2 * p + 1]));
+        const __m256i wr = _mm256_set1_epi32(weights[p * stride]);
+        ONNXSPARSE_MADD(a0, _mm256_unpacklo_epi16(a, b), wr);
+        ONNXSPARSE_MADD(a1, _mm256_unpackhi_epi16(a, b), wr);
+    }
+    store_pixels16(out, a0, a1);
+}
+
+#undef ONNXSPARSE_MADD
+
+// ---- vpmaddubsw path (uint8 activations; see kernels/README.md for the bound) ----
+// One call computes 32 pixels of 4 rows (or 1 row) in two passes of 16 pixels: the two byte
+// streams of a pair are interleaved (vpunpck[lh]bw: pass 0 holds pixels 0-7 | 16-23, pass 1
+// pixels 8-15 | 24-31), vpmaddubsw against the broadcast (w0, w1) bytes gives exact int16 pair
+// sums, which add up in int16 over one group; after each group the int16 sums are widened to
+// int32 (even pixels: vpmaddwd with (1, 0); odd pixels: arithmetic shift by 16).
+constexpr int64_t kChunkU8 = 32;
+
+#define ONNXSPARSE_PAIR_STEP(s, wp) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v, _mm256_set1_epi32(*(wp))))
+#define ONNXSPARSE_WIDEN(e, o, s) \
+    e = _mm256_add_epi32(e, _mm256_madd_epi16(s, one)); \
+    o = _mm256_add_epi32(o, _mm256_srai_epi32(s, 16))
+
+template <int Half>
+inline void store_u8_half(int32_t* out, __m256i even, __m256i odd) {
+    const __m256i lo = _mm256_unpacklo_epi32(even, odd), hi = _mm256_unpackhi_epi32(even, odd);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * Half), _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * Half + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+template <int Half>
+inline __m256i pair_bytes(const uint8_t* x, const int64_t* offsets) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[0]));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[1]));
+    return Half ? _mm256_unpackhi_epi8(a, b) : _mm256_unpacklo_epi8(a, b);
+}
+
+template <int Half>
+inline void pass4_u8(const uint8_t* x, const int64_t* offsets, const int32_t* groups, int64_t group_count,
+                     const int32_t* weights, int64_t stride, int32_t* out, int64_t out_stride) {
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i e0 = _mm256_setzero_si256(), o0 = e0, e1 = e0, o1 = e0, e2 = e0, o2 = e0, e3 = e0, o3 = e0;
+    for (int64_t g = 0; g < group_count; ++g) {
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+        for (int32_t p = groups[g]; p > 0; --p) {
+            const __m256i v = pair_bytes<Half>(x, offsets);
+            ONNXSPARSE_PAIR_STEP(s0, weights);
+            ONNXSPARSE_PAIR_STEP(s1, weights + 1);
+            ONNXSPARSE_PAIR_STEP(s2, weights + 2);
+            ONNXSPARSE_PAIR_STEP(s3, weights + 3);
+            offsets += 2;
+            weights += stride;
+        }
+        ONNXSPARSE_WIDEN(e0, o0, s0);
+        ONNXSPARSE_WIDEN(e1, o1, s1);
+        ONNXSPARSE_WIDEN(e2, o2, s2);
+        ONNXSPARSE_WIDEN(e3, o3, s3);
+    }
+    store_u8_half<Half>(out, e0, o0);
+    store_u8_half<Half>(out + out_stride, e1, o1);
+    store_u8_half<Half>(out + 2 * out_stride, e2, o2);
+    store_u8_half<Half>(out + 3 * out_stride, e3, o3);
+}
+
+void chunk4_u8_avx2(const uint8_t* x, const int64_t* offsets, const int32_t* groups, int64_t group_count,
+                    const int32_t* weights, int64_t stride, int32_t* out, int64_t out_stride) {
+    pass4_u8<0>(x, offsets, groups, group_count, weights, stride, out, out_stride);
+    pass4_u8<1>(x, offsets, groups, group_count, weights, stride, out, out_stride);
+}
+
+void chunk1_u8_avx2(const uint8_t* x, const int64_t* offsets, const int32_t* groups, int64_t group_count,
+                    const int32_t* weights, int64_t, int32_t* out, int64_t) {
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i e0 = _mm256_setzero_si256(), o0 = e0, e1 = e0, o1 = e0;
+    for (int64_t g = 0; g < group_count; ++g) {
+        __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+        for (int32_t p = groups[g]; p > 0; --p) {
+            const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[0]));
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[1]));
+            const __m256i w = _mm256_set1_epi32(*weights);
+            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a, b), w));
+            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a, b), w));
+            offsets += 2;
+            ++weights;
+        }
+        ONNXSPARSE_WIDEN(e0, o0, s0);
+        ONNXSPARSE_WIDEN(e1, o1, s1);
+    }
+    store_u8_half<0>(out, e0, o0);
+    store_u8_half<1>(out, e1, o1);
+}
+
+#undef ONNXSPARSE_PAIR_STEP
+#undef ONNXSPARSE_WIDEN
+
+template <typename YT>
+__m128i widen4(const YT* values) {
+    int32_t packed;
+    std::memcpy(&packed, values, 4);
+    const __m128i bytes = _mm_cvtsi32_si128(packed);
+    return std::is_signed<YT>::value ? _mm_cvtepi8_epi32(bytes) : _mm_cvtepu8_epi32(bytes);
+}
+
+// Without a fused add: t = (acc + bias) * M in float32, relative error < 2**-22, so |error| < 2**-12
+// once t is clamped to the output range (|t| < 512). Where t lies at least 2**-11 from every
+// k + 1/2, rounding t gives exactly R(acc); the rare vectors with a lane closer than that take
+// the exact int64 path.
+template <typename YT>
+void epilogue_float_avx2(const int32_t* acc, YT* y, const Requant& q, int64_t length) {
+    const __m256i bias = _mm256_set1_epi32(static_cast<int32_t>(q.bias));
+    const __m256i y_zp = _mm256_set1_epi32(static_cast<int32_t>(q.y_zero_point));
+    const __m256 mult = _mm256_set1_ps(static_cast<float>(q.real_multiplier));
+    const __m256 low = _mm256_set1_ps(static_cast<float>(q.low - q.y_zero_point));
+    const __m256 high = _mm256_set1_ps(static_cast<float>(q.high - q.y_zero_point));
+    const __m256 safe = _mm256_set1_ps(0.5f - 1.0f / 2048.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= length; i += 8) {
+        const __m256i a = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i)), bias);
+        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(a), mult);
+        t = _mm256_min_ps(_mm256_max_ps(t, low), high);
+        const __m256 rounded = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 distance = _mm256_andnot_ps(sign, _mm256_sub_ps(t, rounded));
+        if (_mm256_movemask_ps(_mm256_cmp_ps(distance, safe, _CMP_GT_OQ))) {
+            epilogue_scalar(acc + i, y + i, static_cast<const YT*>(nullptr), q, 8);
+            continue;
+        }
+        const __m256i out = _mm256_add_epi32(_mm256_cvtps_epi32(rounded), y_zp);
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(out), _mm256_extracti128_si256(out, 1));
+        const __m128i bytes = std::is_signed<YT>::value ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(y + i), bytes);
+    }
+    epilogue_scalar(acc + i, y + i, static_cast<const YT*>(nullptr), q, length - i);
+}
+
+template <typename YT>
+void epilogue_avx2(const int32_t* acc, YT* y, const YT* residual, const Requant& q, int64_t length) {
+    if (!q.add) return epilogue_float_avx2(acc, y, q, length);
+    if (q.shift > kMaxFloatShift) return epilogue_scalar(acc, y, residual, q, length);
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m256d bias = _mm256_set1_pd(static_cast<double>(q.bias)), mult = _mm256_set1_pd(q.real_multiplier);
+    const __m256d limit = _mm256_set1_pd(4096.0), neg_limit = _mm256_set1_pd(-4096.0);
+    const __m256d y_zp = _mm256_set1_pd(static_cast<double>(q.y_zero_point));
+    const __m256d low = _mm256_set1_pd(static_cast<double>(q.low)), high = _mm256_set1_pd(static_cast<double>(q.high));
+    __m256d factor_conv = y_zp, factor_residual = y_zp, residual_zp = y_zp, out_zp = y_zp, scale = y_zp;
+    if (q.add) {
+        factor_conv = _mm256_set1_pd(static_cast<double>(q.add->factor_conv));
+        factor_residual = _mm256_set1_pd(static_cast<double>(q.add->factor_residual));
+        residual_zp = _mm256_set1_pd(static_cast<double>(q.add->residual_zero_point));
+        out_zp = _mm256_set1_pd(static_cast<double>(q.add->out_zero_point));
+        scale = _mm256_set1_pd(std::ldexp(1.0, -static_cast<int>(q.add->shift)));
+    }
+    auto four = [&](__m128i acc4, const YT* res) -> __m128i {
+        __m256d t = _mm256_mul_pd(_mm256_add_pd(_mm256_cvtepi32_pd(acc4), bias), mult);
+        t = _mm256_round_pd(_mm256_min_pd(_mm256_max_pd(t, neg_limit), limit), kRound);
+        t = _mm256_min_pd(_mm256_max_pd(_mm256_add_pd(t, y_zp), low), high);
+        if (q.add) {
+            const __m256d r = _mm256_sub_pd(_mm256_cvtepi32_pd(widen4(res)), residual_zp);
+            const __m256d conv = _mm256_mul_pd(_mm256_sub_pd(t, y_zp), factor_conv);
+            t = _mm256_round_pd(_mm256_mul_pd(_mm256_add_pd(conv, _mm256_mul_pd(r, factor_residual)), scale), kRound);
+            t = _mm256_min_pd(_mm256_max_pd(_mm256_add_pd(t, out_zp), low), high);
+        }
+        return _mm256_cvtpd_epi32(t);
+    };
+    int64_t i = 0;
+    for (; i + 8 <= length; i += 8) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i));
+        const __m128i first = four(_mm256_castsi256_si128(a), residual ? residual + i : nullptr);
+        const __m128i second = four(_mm256_extracti128_si256(a, 1), residual ? residual + i + 4 : nullptr);
+        const __m128i words = _mm_packs_epi32(first, second);
+        const __m128i bytes = std::is_signed<YT>::value ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(y + i), bytes);
+    }
+    epilogue_scalar(acc + i, y + i, residual ? residual + i : nullptr, q, length - i);
+}
+
+#pragma GCC pop_options
+
+using ChunkFn = void (*)(const int16_t*, const int64_t*, int64_t, const int32_t*, int64_t, int32_t*, int64_t);
+using ChunkU8Fn = void (*)(const uint8_t*, const int64_t*, const int32_t*, int64_t, const int32_t*, int64_t, int32_t*,
+                           int64_t);
+
+// The largest |w0| + |w1| of a pair, and of a group's sum over its pairs: 255 * 128 = 32640 <= 32767.
+constexpr int64_t kMaxPairAbs = 128;
+
+int64_t type_low(bool is_signed) { return is_signed ? -128 : 0; }
+int64_t type_high(bool is_signed) { return is_signed ? 127 : 255; }
+
+void check_zero_point(const char* what, int64_t value, bool is_signed) {
+    if (value < type_low(is_signed) || value > type_high(is_signed))
+        throw ConvError(std::string(what) + " " + std::to_string(value) + " is outside the " +
+                        (is_signed ? "int8" : "uint8") + " range");
+}
+
+}  // namespace
+
+ConvQ8Kernel::ConvQ8Kernel(const ConvAttrs& attrs, const int8_t* weight, const int32_t* bias, int64_t x_zero_point,
+                           bool x_signed, const int64_t* multiplier, const int64_t* shift, int64_t y_zero_point,
+                           bool y_signed)
+    : attrs_(attrs), x_zero_point_(x_zero_point), y_zero_point_(y_zero_point), x_signed_(x_signed), y_signed_(y_signed) {
+    attrs_.validate();
+    check_zero_point("x_zero_point", x_zero_point, x_signed);
+    check_zero_point("y_zero_point", y_zero_point, y_signed);
+    const int64_t out_channels = attrs_.out_channels;
+    for (int64_t o = 0; o < out_channels; ++o) {
+        const int64_t m = multiplier[o], s = shift[o];
+        if (!(m == 0 || (m >= (int64_t(1) << 30) && m < (int64_t(1) << 31))))
+            throw ConvError("multiplier[" + std::to_string(o) + "] = " + std::to_string(m) +
+                            " must be 0 or in [2**30, 2**31)");
+        if (s < 0 || s > 62)
+            throw ConvError("shift[" + std::to_string(o) + "] = " + std::to_string(s) + " must be in [0, 62]");
+    }
+    multiplier_.assign(multiplier, multiplier + out_channels);
+    shift_.assign(shift, shift + out_channels);
+    for (int64_t o = 0; o < out_channels; ++o)
+        real_multiplier_.push_back(std::ldexp(static_cast<double>(multiplier[o]), -static_cast<int>(shift[o])));
+    if (bias)
+        bias_.assign(bias, bias + out_channels);
+    else
+        bias_.assign(out_channels, 0);
+    encoding_ = encode_weight<int8_t, int32_t>(attrs_, weight, true, &weight_pairs_);
+    build_u8_encoding(weight);
+}
+
+void ConvQ8Kernel::build_u8_encoding(const int8_t* weight) {
+    const int64_t cg = attrs_.channels_per_group, kk = attrs_.kernel_positions();
+    const int64_t fan_in = cg * kk;
+    u8_zero_point_ = x_zero_point_ + (x_signed_ ? 128 : 0);
+    // sum (x_u * w) over a row must fit int32: 255 * sum |w| < 2**31
+    u8_bias_.assign(attrs_.out_channels, 0);
+    for (int64_t o = 0; o < attrs_.out_channels; ++o) {
+        int64_t sum = 0, sum_abs = 0;
+        for (int64_t i = 0; i < fan_in; ++i) {
+            sum += weight[o * fan_in + i];
+            sum_abs += std::abs(static_cast<int64_t>(weight[o * fan_in + i]));
+        }
+        if (255 * sum_abs >= (int64_t(1) << 31)) return;
+        u8_bias_[o] = bias_[o] - u8_zero_point_ * sum;
+    }
+    u8_encoding_.name = encoding_.name;
+    u8_encoding_.nonzeros = encoding_.nonzeros;
+    u8_group_begin_.assign(1, 0);
+    std::vector<int64_t> terms, load;
+    struct Pair {
+        int64_t first, second;
+        bool has_second;
+    };
+    std::vector<Pair> pairs;
+    for (const Block& source : encoding_.blocks) {
+        auto value = [&](int64_t row, int64_t term) -> int64_t {
+            if (row >= source.rows) return 0;
+            return weight[((source.out0 + row) * cg + term / kk) * kk + term % kk];
+        };
+        terms.clear();
+        for (int64_t t = source.term_begin; t < source.term_end; t += 2) {
+            terms.push_back(encoding_.terms[t]);
+            if (encoding_.terms[t + 1] != encoding_.terms[t]) terms.push_back(encoding_.terms[t + 1]);
+        }
+        // neighbours pair up unless some row's |w0| + |w1| exceeds the bound: then the first goes alone
+        pairs.clear();
+        for (size_t i = 0; i < terms.size();) {
+            bool safe = i + 1 < terms.size();
+            for (int64_t row = 0; safe && row < source.rows; ++row)
+                safe = std::abs(value(row, terms[i])) + std::abs(value(row, terms[i + 1])) <= kMaxPairAbs;
+            pairs.push_back({terms[i], safe ? terms[i + 1] : terms[i], safe});
+            i += safe ? 2 : 1;
+        }
+        Block block = source;
+        block.term_begin = static_cast<int64_t>(u8_encoding_.terms.size());
+        block.weight_begin = static_cast<int64_t>(u8_weights_.size());
+        load.assign(source.stride, 0);
+        int32_t count = 0;
+        for (const Pair& pair : pairs) {
+            bool fits = true;
+            for (int64_t row = 0; row < source.rows && fits; ++row)
+                fits = load[row] + std::abs(value(row, pair.first)) +
+                           (pair.has_second ? std::abs(value(row, pair.second)) : 0) <= kMaxPairAbs;
+            if (!fits) {
+                u8_groups_.push_back(count);
+                count = 0;
+                std::fill(load.begin(), load.end(), 0);
+            }
+            ++count;
+            u8_encoding_.terms.push_back(pair.first);
+            u8_encoding_.terms.push_back(pair.second);
+            for (int64_t row = 0; row < source.stride; ++row) {
+                const int64_t w0 = value(row, pair.first), w1 = pair.has_second ? value(row, pair.second) : 0;
+                load[row] += std::abs(w0) + std::abs(w1);
+                const uint32_t bytes = static_cast<uint8_t>(w0) | (static_cast<uint32_t>(static_cast<uint8_t>(w1)) << 8);
+                u8_weights_.push_back(static_cast<int32_t>(bytes | (bytes << 16)));
+            }
+        }
+        if (count) u8_groups_.push_back(count);
+        block.term_end = static_cast<int64_t>(u8_encoding_.terms.size());
+        u8_encoding_.blocks.push_back(block);
+        u8_group_begin_.push_back(static_cast<int64_t>(u8_groups_.size()));
+    }
+    u8_ok_ = true;
+}
+
+void ConvQ8Kernel::set_residual_add(const ResidualAdd& add) {
+    const int64_t limit = int64_t(1) << 31;
+    if (add.factor_conv < 0 || add.factor_conv >= limit || add.factor_residual < 0 || add.factor_residual >= limit)
+        throw ConvError("residual add factors must be in [0, 2**31)");
+    if (add.shift < 0 || add.shift > 62) throw ConvError("residual add shift must be in [0, 62]");
+    check_zero_point("residual_zero_point", add.residual_zero_point, y_signed_);
+    check_zero_point("out_zero_point", add.out_zero_point, y_signed_);
+    add_ = add;
+    has_add_ = true;
+}
+
+void ConvQ8Kernel::run(const void* x, int64_t batch, int64_t in_h, int64_t in_w, const void* residual, void* y) const {
+    if (x_signed_ && y_signed_)
+        run_typed(static_cast<const int8_t*>(x), batch, in_h, in_w, static_cast<const int8_t*>(residual),
+                  static_cast<int8_t*>(y));
+    else if (x_signed_)
+        run_typed(static_cast<const int8_t*>(x), batch, in_h, in_w, static_cast<const uint8_t*>(residual),
+                  static_cast<uint8_t*>(y));
+    else if (y_signed_)
+        run_typed(static_cast<const uint8_t*>(x), batch, in_h, in_w, static_cast<const int8_t*>(residual),
+                  static_cast<int8_t*>(y));
+    else
+        run_typed(static_cast<const uint8_t*>(x), batch, in_h, in_w, static_cast<const uint8_t*>(residual),
+                  static_cast<uint8_t*>(y));
+}
+
+template <typename XT, typename YT>
+void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w, const YT* residual, YT* y) const {
+    const bool may_be_direct = !std::is_signed<XT>::value;
+    const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunkU8, may_be_direct);
+    if (batch == 0) return;
+    std::unique_ptr<Buffer<uint8_t>> prepared;
+    const uint8_t* input = reinterpret_cast<const uint8_t*>(x);
+    if (!geo.direct) {
+        prepared = std::make_unique<Buffer<uint8_t>>(geo.prepared_size);
+        prepare_input(attrs_, geo, x, prepared->get(), static_cast<uint8_t>(u8_zero_point_),
+                      [](XT v) { return static_cast<uint8_t>(static_cast<int>(v) + (std::is_signed<XT>::value ? 128 : 0)); });
+        input = prepared->get();
+    }
+    const std::vector<int64_t> offsets = term_offsets(attrs_, geo, u8_encoding_);
+    const int64_t blocks = static_cast<int64_t>(u8_encoding_.blocks.size());
+    const Tiling tiling = make_tiling(geo, blocks, kTileTarget, kChunkU8);
+    const int64_t row_length = tiling.max_tile + 2 * kChunkU8;
+    const int64_t out_plane = geo.out_h * geo.out_w, channels = attrs_.in_channels();
+    const ResidualAdd* add = has_add_ ? &add_ : nullptr;
+
+    const int threads = num_threads();
+    std::vector<std::unique_ptr<Buffer<int32_t>>> scratches(threads);
+    parallel_for(tiling.items, threads, [&](int64_t item, int thread) {
+        if (!scratches[thread]) scratches[thread] = std::make_unique<Buffer<int32_t>>(16 * row_length);
+        Buffer<int32_t>& scratch = *scratches[thread];
+        const int64_t n = item / (tiling.tiles * blocks), tile = item / blocks % tiling.tiles;
+        const int64_t b = item % blocks;
+        const Block& block = u8_encoding_.blocks[b];
+        const int64_t q0 = tiling.tile_begin(tile, geo.wide_pixels);
+        const int64_t q1 = tiling.tile_begin(tile + 1, geo.wide_pixels);
+        const uint8_t* x_group = input + (n * channels + block.group * attrs_.channels_per_group) * geo.channel_stride;
+        const int64_t* block_offsets = offsets.data() + block.term_begin;
+        const int32_t* groups = u8_groups_.data() + u8_group_begin_[b];
+        const int64_t group_count = u8_group_begin_[b + 1] - u8_group_begin_[b];
+        const int32_t* block_weights = u8_weights_.data() + block.weight_begin;
+        for (int64_t q = q0; q < q1; q += kChunkU8) {
+            const int64_t start = geo.direct ? std::min(q, geo.wide_pixels - kChunkU8) : q;
+            int32_t* out = scratch.get() + (start - q0 + kChunkU8);
+            if (block.stride == 1) {
+                chunk1_u8_avx2(x_group + start, block_offsets, groups, group_count, block_weights, 1, out, row_length);
+            } else {
+                for (int64_t row = 0; row < block.rows; row += 4)
+                    chunk4_u8_avx2(x_group + start, block_offsets, groups, group_count, block_weights + row,
+                                   block.stride, out + row * row_length, row_length);
+            }
+        }
+        for (int64_t row = 0; row < block.rows; ++row) {
+            const int64_t o = block.out0 + row;
+            const Requant requant{u8_bias_[o], multiplier_[o], shift_[o], y_zero_point_, type_low(y_signed_),
+                                  type_high(y_signed_), real_multiplier_[o], add};
+            YT* y_plane = y + (n * attrs_.out_channels + o) * out_plane;
+            const YT* residual_plane = residual ? residual + (n * attrs_.out_channels + o) * out_plane : nullptr;
+            const int32_t* acc = scratch.get() + row * row_length + kChunkU8;
+            for_each_output_run(geo, q0, q1, [&](int64_t wide, int64_t out, int64_t length) {
+                epilogue_avx2<YT>(acc + (wide - q0), y_plane + out, residual_plane ? residual_plane + out : nullptr,
+                                  requant, length);
+            });
+        }
+    });
+}
+
+template <typename XT, typename YT>
+void ConvQ8Kernel::run_typed(const XT* x, int64_t batch, int64_t in_h, int64_t in_w, const YT* residual, YT* y) const {
+    if (u8_ok_ && simd_level() == SimdLevel::avx2) return run_u8(x, batch, in_h, in_w, residual, y);
+    const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunk, false);
+    if (batch == 0) return;
+    Buffer<int16_t> prepared(geo.prepared_size);
+    const int16_t zero_point = static_cast<int16_t>(x_zero_point_);
+    prepare_input(attrs_, geo, x, prepared.get(), int16_t(0),
+                  [zero_point](XT v) { return static_cast<int16_t>(static_cast<int16_t>(v) - zero_point); });
+    const std::vector<int64_t> offsets = term_offsets(attrs_, geo, encoding_);
+    const int64_t blocks = static_cast<int64_t>(encoding_.blocks.size());
+    const Tiling tiling = make_tiling(geo, blocks, kTileTarget, kChunk);
+    const bool avx2 = simd_level() == SimdLevel::avx2;
+    const ChunkFn chunk4 = avx2 ? chunk4_avx2 : chunk_scalar<4>;
+    const ChunkFn chunk1 = avx2 ? chunk1_avx2 : chunk_scalar<1>;
+    auto epilogue = avx2 ? epilogue_avx2<YT> : epilogue_scalar<YT>;
+    const int64_t row_length = tiling.max_tile + 2 * kChunk;
+    const int64_t out_plane = geo.out_h * geo.out_w, channels = attrs_.in_channels();
+    const ResidualAdd* add = has_add_ ? &add_ : nullptr;
+
+const int threads = num_threads();
+    std::vector<std::unique_ptr<Buffer<int32_t>>> scratches(threads);
+    parallel_for(tiling.items, threads, [&](int64_t item, int thread) {
+        if (!scratches[thread]) scratches[thread] = std::make_unique<Buffer<int32_t>>(16 * row_length);
+        Buffer<int32_t>& scratch = *scratches[thread];
+        const int64_t n = item / (tiling.tiles * blocks), tile = item / blocks % tiling.tiles;
+        const Block& block = encoding_.blocks[item % blocks];
+        const int64_t q0 = tiling.tile_begin(tile, geo.wide_pixels);
+        const int64_t q1 = tiling.tile_begin(tile + 1, geo.wide_pixels);
+        const int16_t* x_group =
+            prepared.get() + (n * channels + block.group * attrs_.channels_per_group) * geo.channel_stride;
+        const int64_t* block_offsets = offsets.data() + block.term_begin;
+        const int64_t pairs = (block.term_end - block.term_begin) / 2;
+        const int32_t* block_weights = weight_pairs_.data() + block.weight_begin;
+        for (int64_t q = q0; q < q1; q += kChunk) {
+            int32_t* out = scratch.get() + (q - q0 + kChunk);
+            if (block.stride == 1) {
+                chunk1(x_group + q, block_offsets, pairs, block_weights, 1, out, row_length);
+            } else {
+                for (int64_t row = 0; row < block.rows; row += 4)
+                    chunk4(x_group + q, block_offsets, pairs, block_weights + row, block.stride,
+                           out + row * row_length, row_length);
+            }
+        }
+        for (int64_t row = 0; row < block.rows; ++row) {
+            const int64_t o = block.out0 + row;
+            const Requant requant{bias_[o], multiplier_[o], shift_[o], y_zero_point_, type_low(y_signed_),
+                                  type_high(y_signed_), real_multiplier_[o], add};
+            YT* y_plane = y + (n * attrs_.out_channels + o) * out_plane;
+            const YT* residual_plane = residual ? residual + (n * attrs_.out_channels + o) * out_plane : nullptr;
+            const int32_t* acc = scratch.get() + row * row_length + kChunk;
+            for_each_output_run(geo, q0, q1, [&](int64_t wide, int64_t out, int64_t length) {
+                epilogue(acc + (wide - q0), y_plane + out, residual_plane ? residual_plane + out : nullptr, requant,
+                         length);
+            });
+        }
+    });
+}
+
+}  // namespace onnxsparse

@@ -1,0 +1,145 @@
+"""Pack's kernel choice: run a layer sparse only where the native kernel beats dense onnxruntime.
+
+Measured, not predicted: the layer alone (its node and constants, a seeded random input of its
+inferred batch-1 shape) runs in onnxruntime dense and through the runtime's native path as it will
+run in the model (a custom operator in onnxruntime), interleaved, median of a few rounds. The
+sparse kernel must win by a margin (a region boundary costs a copy the single layer does not see).
+The choice and both times are recorded on the packed node (docs/RUNTIME.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxsparse import model as model_io
+
+# Sparse runs only when it takes at most this fraction of the dense time.
+WIN_MARGIN = 0.85
+ROUNDS = 7
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    kernel: str  # "sparse" | "dense"
+    reason: str
+    sparse_ms: float | None = None
+    dense_ms: float | None = None
+
+    def record(self) -> dict:
+        return {"kernel": self.kernel, "reason": self.reason, "sparse_ms": self.sparse_ms, "dense_ms": self.dense_ms}
+
+
+def _layer_model(model: onnx.ModelProto, lookups: model_io.GraphIndex, node: onnx.NodeProto,
+                 shapes: dict, types: dict) -> onnx.ModelProto | None:
+    """The node alone: its activation input as the graph input, every other input a constant."""
+    x = node.input[0]
+    if shapes.get(x) is None or x not in types:
+        return None
+    initializers = []
+    for name in node.input[1:]:
+        if not name:
+            continue
+        value = lookups.constant(name)
+        if value is None:
+            return None
+        initializers.append(numpy_helper.from_array(value, name))
+    single = onnx.NodeProto()
+    single.CopyFrom(node)
+    single.output[:] = [node.output[0]]
+    output_type = types.get(node.output[0], types[x])
+    graph = helper.make_graph([single], "layer", [helper.make_tensor_value_info(x, types[x], shapes[x])],
+                              [helper.make_tensor_value_info(node.output[0], output_type, None)], initializers)
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=8)
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]
+             if v.type.tensor_type.elem_type}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    return types
+
+
+class KernelChooser:
+    """Measures each weight-bearing layer of one model (shape inference done once)."""
+
+    def __init__(self, model: onnx.ModelProto, threads: int = 2):
+        self.model = model
+        self.threads = threads
+        self.lookups = model_io.GraphIndex(model)
+        self.shapes = model_io.infer_shapes(model)
+        self.types = _element_types(model)
+
+    def choose(self, node: onnx.NodeProto) -> KernelChoice:
+        from onnxsparse.model import onnxruntime_session
+        from onnxsparse.runtime.regions import partition
+        from onnxsparse.runtime.session import native_kernels
+
+        weight = self.lookups.constant(node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") else node.input[3])
+        if weight is not None and np.count_nonzero(weight) == weight.size:
+            return KernelChoice("dense", "no zeros")
+        layer = _layer_model(self.model, self.lookups, node, self.shapes, self.types)
+        if layer is None:
+            return KernelChoice("dense", "input shape unknown")
+        native = native_kernels()
+        named = onnx.ModelProto()
+        named.CopyFrom(layer)
+        named.graph.node[0].name = node.name or "layer"
+        split = partition(named, {named.graph.node[0].name}, native)
+        try:
+            if not split.regions:
+                return KernelChoice("dense", split.skipped[0][1] if split.skipped else "no native kernel")
+            native.set_num_threads(self.threads)
+            dense = onnxruntime_session(layer, self.threads)
+            sparse = _hosted_session(split.model, self.threads)
+            x_name = layer.graph.input[0].name
+            feeds = {x_name: _random_input(layer.graph.input[0])}
+            dense_ms, sparse_ms = _interleaved(dense, sparse, feeds)
+        finally:
+            from onnxsparse.runtime import hosting
+
+            hosting.release_regions(split.region_ids)
+        if sparse_ms <= WIN_MARGIN * dense_ms:
+            return KernelChoice("sparse", f"{dense_ms / sparse_ms:.2f}x faster than dense", sparse_ms, dense_ms)
+        return KernelChoice("dense", f"sparse kernel not faster ({sparse_ms:.3f} vs {dense_ms:.3f} ms)",
+                            sparse_ms, dense_ms)
+
+
+def _hosted_session(model: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    from onnxsparse.runtime import hosting
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.register_custom_ops_library(hosting.library_path())
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _random_input(value: onnx.ValueInfoProto) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    shape = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+
+
+def _interleaved(dense, sparse, feeds) -> tuple[float, float]:
+    times = ([], [])
+    for round_index in range(ROUNDS + 1):
+        for sink, session in zip(times, (dense, sparse)):
+            started = time.perf_counter()
+            session.run(None, feeds)
+            if round_index:  # the first round warms up
+                sink.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])

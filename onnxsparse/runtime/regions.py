@@ -1,0 +1,177 @@
+"""Partition a model into regions of native chains, each one custom operator in onnxruntime.
+
+Every boundary between onnxruntime and a region copies the activations that cross it, so chains
+that feed one another (or read the same tensor) are grouped into one region when that keeps the
+graph acyclic: a chain joins the region of a chain it reads from, or of a chain reading the same
+input, unless one of its inputs is computed by onnxruntime from that region's outputs (the region
+would then wait on itself).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxsparse import model as model_io
+from onnxsparse.runtime import hosting
+from onnxsparse.runtime.steps import FLOAT_OPS, INTEGER_OPS, Chain, Unsupported, float_chain, integer_chain
+
+
+@dataclass
+class Region:
+    """Chains run in graph order on numpy arrays; intermediate tensors are dropped after last use."""
+
+    chains: list[Chain] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    _last_use: dict[str, int] = field(default_factory=dict)
+
+    def finish(self) -> None:
+        """Derive the region's inputs, the element types at its boundary, and last uses."""
+        produced = {chain.output for chain in self.chains}
+        self.input_types = []
+        for chain in self.chains:
+            for name, dtype in ((chain.input, chain.input_type), (chain.residual, chain.output_type)):
+                if name and name not in produced and name not in self.inputs:
+                    self.inputs.append(name)
+                    self.input_types.append(dtype)
+        self.output_types = [next(c.output_type for c in self.chains if c.output == name) for name in self.outputs]
+        for position, chain in enumerate(self.chains):
+            for name in (chain.input, chain.residual):
+                if name:
+                    self._last_use[name] = position
+
+    def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        values = dict(zip(self.inputs, arrays))
+        keep = set(self.outputs)
+        for position, chain in enumerate(self.chains):
+            residual = values[chain.residual] if chain.residual else None
+            values[chain.output] = chain.run(values[chain.input], residual)
+            for name in (chain.input, chain.residual):
+                if name and self._last_use.get(name) == position and name not in keep:
+                    values.pop(name, None)
+        return tuple(values[name] for name in self.outputs)
+
+
+@dataclass(frozen=True)
+class Partition:
+    model: onnx.ModelProto  # what onnxruntime runs: regions as custom nodes
+    regions: tuple[Region, ...]
+    region_ids: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]  # (node, why it stays in onnxruntime)
+
+
+def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Ranks of every tensor shape inference knows (Gemm / MatMul run natively on 2-D inputs only)."""
+    return {name: len(shape) for name, shape in model_io.infer_shapes(model).items() if shape is not None}
+
+
+def partition(model: onnx.ModelProto, sparse_nodes: set[str], native) -> Partition:
+    """Replace the chains starting at `sparse_nodes` (node names) by region nodes."""
+    lookups = model_io.GraphIndex(model)
+    rank_of = _tensor_ranks(model).get
+    chains, skipped, taken = {}, [], set()
+    for index, node in enumerate(model.graph.node):
+        if node.name not in sparse_nodes or index in taken:
+            continue
+        builder = float_chain if node.op_type in FLOAT_OPS else integer_chain if node.op_type in INTEGER_OPS else None
+        if builder is None:
+            skipped.append((node.name, f"{node.op_type} has no native kernel"))
+            continue
+        try:
+            chain = builder(native, lookups, index, rank_of, taken)
+        except (Unsupported, ValueError) as exc:
+            skipped.append((node.name, str(exc)))
+            continue
+        taken.update(chain.node_indices)
+        chains[chain.anchor] = chain
+
+    regions: list[Region] = []
+    region_of_tensor: dict[str, int] = {}  # outputs of chains
+    readers: dict[str, list[int]] = {}  # regions reading a tensor
+    depends: dict[str, frozenset[int]] = {}  # regions a tensor is (transitively) computed from
+    for index, node in enumerate(model.graph.node):
+        chain = chains.get(index)
+        if chain is None:
+            if index in taken:
+                continue
+            needed = frozenset().union(*(depends.get(name, frozenset()) for name in node.input))
+            for out in node.output:
+                depends[out] = needed
+            continue
+        reads = [name for name in (chain.input, chain.residual) if name]
+        target = None
+        producers = [region_of_tensor[name] for name in reads if name in region_of_tensor]
+        siblings = [region for name in reads for region in readers.get(name, [])]  # same input, e.g. a downsample
+        for candidate in dict.fromkeys(producers + siblings):
+            if all(region_of_tensor.get(name) == candidate or candidate not in depends.get(name, frozenset())
+                   for name in reads):
+                target = candidate
+                break
+        if target is None:
+            regions.append(Region())
+            target = len(regions) - 1
+        regions[target].chains.append(chain)
+        region_of_tensor[chain.output] = target
+        for name in reads:
+            readers.setdefault(name, []).append(target)
+        depends[chain.output] = frozenset({target}).union(*(depends.get(name, frozenset()) for name in reads))
+
+    consumed_outside = set(lookups.graph_outputs)
+    for index, node in enumerate(model.graph.node):
+        if index not in taken:
+            consumed_outside.update(node.input)
+    for number, region in enumerate(regions):
+        inside_reads = {name for other in regions if other is not region for chain in other.chains
+                        for name in (chain.input, chain.residual) if name}
+        region.outputs = [chain.output for chain in region.chains
+                          if chain.output in consumed_outside or chain.output in inside_reads]
+        region.finish()
+    region_ids = tuple(hosting.register_region(region) for region in regions)
+    rewritten = _rewrite(model, regions, region_ids, taken)
+    return Partition(rewritten, tuple(regions), region_ids, tuple(skipped))
+
+
+def _rewrite(model: onnx.ModelProto, regions: list[Region], region_ids, taken: set[int]) -> onnx.ModelProto:
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    graph = rewritten.graph
+    nodes = [node for index, node in enumerate(graph.node) if index not in taken]
+    for region, region_id in zip(regions, region_ids):
+        op_type = hosting.operator_type(region.input_types, region.output_types)
+        nodes.append(helper.make_node(op_type, region.inputs, region.outputs, name=f"onnxsparse_{region_id}",
+                                      domain=hosting.DOMAIN, **{hosting.REGION_ATTRIBUTE: region_id}))
+    del graph.node[:]
+    graph.node.extend(_topological(nodes))
+    if not any(opset.domain == hosting.DOMAIN for opset in rewritten.opset_import):
+        rewritten.opset_import.append(helper.make_opsetid(hosting.DOMAIN, 1))
+    model_io.remove_unused(rewritten)
+    return rewritten
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Nodes in an order where every input is produced first (stable: graph order where possible)."""
+    produced_by = {out: i for i, node in enumerate(nodes) for out in node.output}
+    waiting = {i: {name for name in node.input if name and name in produced_by} for i, node in enumerate(nodes)}
+    consumers: dict[int, list[int]] = {}
+    for i, needs in waiting.items():
+        for name in needs:
+            consumers.setdefault(produced_by[name], []).append(i)
+    pending = {i: len({produced_by[name] for name in needs}) for i, needs in waiting.items()}
+    ready = [i for i, count in pending.items() if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for consumer in dict.fromkeys(consumers.get(i, [])):
+            pending[consumer] -= 1
+            if pending[consumer] == 0:
+                heapq.heappush(ready, consumer)
+    if len(order) != len(nodes):
+        raise Unsupported("the partition would make the graph cyclic")
+    return order

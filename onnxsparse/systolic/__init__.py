@@ -1,0 +1,2 @@
+"""The systolic-array reference executor (docs/SYSTOLIC.md) and the hardware reference export
+(docs/REFERENCE_EXPORT.md)."""

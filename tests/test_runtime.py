@@ -1,0 +1,254 @@
+"""The runtime: packed models run in native kernels hosted in onnxruntime and give the unpacked
+model's outputs (fp32 within 1e-4 relative, integer bit for bit with the reference and within one
+unit of onnxruntime), on the native SIMD path and the forced scalar one; pack records the kernel
+choice; run and bench work from the command line; hostile packed files stop at the reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxsparse
+from onnxsparse import _native
+from onnxsparse import model as model_io
+from onnxsparse.cli import main
+from onnxsparse.formats.pack import pack_model
+from onnxsparse.quant.lower import lower_to_integer
+from onnxsparse.quant.quantize import quantize
+from onnxsparse.quant.reference import run_reference
+from onnxsparse.runtime import InferenceSession, hosting
+from conftest import DIGITS_TRAIN
+from test_pack import corrupt_packed
+
+SPARSE = lambda node: {"kernel": "sparse", "reason": "test"}  # noqa: E731
+DENSE = lambda node: {"kernel": "dense", "reason": "test"}  # noqa: E731
+SIMD_LEVELS = ["auto", "scalar"]
+
+
+@pytest.fixture(params=SIMD_LEVELS)
+def simd(request):
+    _native.set_simd_level(request.param)
+    yield request.param
+    _native.set_simd_level("auto")
+
+
+def packed(model: onnx.ModelProto, choose=SPARSE) -> onnx.ModelProto:
+    return pack_model(model, choose_kernel=choose).model
+
+
+def ort_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    return model_io.onnxruntime_session(model, threads=2).run(None, feeds)
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray) -> None:
+    scale = max(float(np.max(np.abs(expected))), 1e-6)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert float(np.max(np.abs(got - expected))) <= 1e-4 * scale
+
+
+@pytest.fixture(scope="module")
+def digits_integer(digits_model):
+    # 7-bit weights: onnxruntime's u8s8 kernels saturate on full-range weights on CPUs without VNNI
+    # (docs/QUANTIZATION.md), and the comparison with onnxruntime below needs it to compute right
+    pruned = onnxsparse.prune(digits_model, "1x16", 0.75)
+    return lower_to_integer(quantize(pruned, DIGITS_TRAIN, weight_bits=7))
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.75), ("1x16", 0.75), ("1x4", 0.5), ("2:4", None),
+                                              ("bank:16", 0.75), ("mcbbs:c2r4", 0.5)])
+def test_packed_float_model_matches_onnxruntime_on_the_unpacked_model(digits_model, digits_test, simd, pattern,
+                                                                      sparsity):
+    model = onnxsparse.prune(digits_model, pattern, sparsity)
+    session = InferenceSession(packed(model), threads=2)
+    assert session.plan.partition.regions and len(session.plan.sparse_layers) == 7
+    feeds = {"input": digits_test.inputs[:9]}
+    assert_close(session.run(None, feeds)[0], ort_outputs(model, feeds)[0])
+
+
+def test_packed_integer_model_is_bit_exact_with_the_reference(digits_integer, digits_test, simd):
+    session = InferenceSession(packed(digits_integer), threads=2)
+    assert len(session.plan.sparse_layers) == 7
+    inputs = digits_test.inputs[:16]
+    # compare the integer tensors themselves: the last integer op's output, before DequantizeLinear
+    last = next(n for n in reversed(digits_integer.graph.node) if n.op_type == "DequantizeLinear").input[0]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(digits_integer)
+    exposed.graph.output.append(onnx.helper.make_tensor_value_info(last, onnx.TensorProto.UINT8, None))
+    exposed_session = InferenceSession(packed(exposed), threads=2)
+    got = exposed_session.run(None, {"input": inputs})
+    reference = run_reference(exposed, {"input": inputs})
+    for mine, exact in zip(got, reference):
+        np.testing.assert_array_equal(mine, exact)
+    stock = ort_outputs(exposed, {"input": inputs})[1]
+    assert int(np.max(np.abs(got[1].astype(np.int32) - stock.astype(np.int32)))) <= 1
+    np.testing.assert_array_equal(session.run(None, {"input": inputs})[0], got[0])
+
+
+def test_packed_qdq_model_runs_as_its_integer_form(digits_model, digits_test):
+    qdq = quantize(onnxsparse.prune(digits_model, "unstructured", 0.5), DIGITS_TRAIN)
+    session = InferenceSession(packed(qdq), threads=2)
+    assert len(session.plan.sparse_layers) == 7
+    inputs = {"input": digits_test.inputs[:16]}
+    np.testing.assert_array_equal(session.run(None, inputs)[0], run_reference(lower_to_integer(qdq), inputs)[0])
+
+
+def test_layers_chosen_dense_stay_in_onnxruntime(digits_model, digits_test):
+    model = onnxsparse.prune(digits_model, "1x16", 0.75)
+    session = InferenceSession(packed(model, DENSE))
+    assert not session.plan.partition.regions and len(session.plan.dense_layers) == 7
+    feeds = {"input": digits_test.inputs[:4]}
+    assert_close(session.run(None, feeds)[0], ort_outputs(model, feeds)[0])
+
+
+def test_chains_that_feed_each_other_share_one_region(digits_model):
+    session = InferenceSession(packed(onnxsparse.prune(digits_model, "1x16", 0.75)))
+    regions = session.plan.partition.regions
+    # conv1..conv4 (with their ReLUs) are one chain of layers; pooling splits it from conv5; flatten from the FCs
+    assert [len(region.chains) for region in regions] == [4, 1, 2]
+    custom = [n for n in session.plan.model.graph.node if n.domain == hosting.DOMAIN]
+    assert len(custom) == 3 and not any(n.op_type in ("Conv", "Relu", "Gemm") for n in session.plan.model.graph.node)
+
+
+def test_a_plain_model_runs_in_plain_onnxruntime(digits_model, digits_test):
+    session = InferenceSession(digits_model)
+    assert not session.plan.partition.regions
+    feeds = {"input": digits_test.inputs[:4]}
+    np.testing.assert_array_equal(session.run(None, feeds)[0], ort_outputs(digits_model, feeds)[0])
+
+
+def test_other_python_operators_keep_working_with_the_array_hook():
+    from onnx import TensorProto, helper
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+
+    hosting.operator_type([np.float32], [np.float32])  # installs the hook
+
+    @onnx_op(op_type="OnnxsparseTestTwice", inputs=[PyCustomOpDef.dt_float], outputs=[PyCustomOpDef.dt_float])
+    def twice(x):
+        return x * 2
+
+    node = helper.make_node("OnnxsparseTestTwice", ["x"], ["y"], domain=hosting.DOMAIN)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(hosting.DOMAIN, 1)], ir_version=8)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(hosting.library_path())
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], 2 * x)
+
+
+def test_pack_auto_records_a_measured_choice_per_layer(digits_model, tmp_path, capsys):
+    source, target = tmp_path / "pruned.onnx", tmp_path / "packed.onnx"
+    onnxsparse.save_model(onnxsparse.prune(digits_model, "1x16", 0.75), source)
+    assert main(["pack", str(source), str(target), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    choices = {t["node"]: t["kernel"] for t in document["tensors"]}
+    assert choices["/conv1/Conv"]["kernel"] == "dense" and choices["/conv1/Conv"]["reason"] == "no zeros"
+    for name, choice in choices.items():
+        assert choice["kernel"] in ("sparse", "dense")
+        if choice["kernel"] == "sparse":
+            assert choice["sparse_ms"] <= choice["dense_ms"]
+    session = InferenceSession(str(target))
+    assert set(session.plan.sparse_layers) == {name for name, c in choices.items() if c["kernel"] == "sparse"}
+
+
+def test_run_command_runs_a_packed_model(digits_model, digits_test, tmp_path, capsys):
+    model = onnxsparse.prune(digits_model, "1x16", 0.75)
+    target, inputs, outputs = tmp_path / "packed.onnx", tmp_path / "x.npy", tmp_path / "y.npz"
+    onnxsparse.save_model(packed(model), target)
+    np.save(inputs, digits_test.inputs[:5])
+    assert main(["run", str(target), "--input", str(inputs), "--output", str(outputs)]) == 0
+    capsys.readouterr()
+    with np.load(outputs) as saved:
+        assert_close(saved["logits"], ort_outputs(model, {"input": digits_test.inputs[:5]})[0])
+    assert main(["run", str(target), "--random"]) == 0
+    assert "logits" in capsys.readouterr().out
+
+
+def test_bench_command_reports_medians_and_ratios(digits_model, tmp_path, capsys):
+    source, target = tmp_path / "pruned.onnx", tmp_path / "packed.onnx"
+    model = onnxsparse.prune(digits_model, "1x16", 0.75)
+    onnxsparse.save_model(model, source)
+    onnxsparse.save_model(packed(model), target)
+    assert main(["bench", str(target), "--against", str(source), "--rounds", "3", "--warmup", "1", "--batch", "4",
+                 "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    names = [t["name"] for t in document["timings"]]
+    assert names == ["onnxruntime fp32", "onnxruntime int8", "packed"]
+    assert all(t["runs"] == 3 and t["median_ms"] > 0 for t in document["timings"])
+    assert document["batch"] == 4 and document["max_output_difference"] < 1e-3
+    assert set(document["speedup"]) == {"onnxruntime fp32", "onnxruntime int8"}
+    assert main(["bench", str(source)]) == 2  # not packed: a usage error
+    assert "not packed" in capsys.readouterr().err
+
+
+def test_hostile_packed_tensors_stop_at_the_reader(digits_integer, tmp_path, capsys):
+    good = packed(digits_integer)
+    for position in (20, 40, -3):
+        path = tmp_path / f"broken{position}.onnx"
+        onnx.save(corrupt_packed(good, position), str(path))
+        code = main(["run", str(path), "--random"])
+        stderr = capsys.readouterr().err
+        assert code == 1 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.zoo
+def test_zoo_model_packed_runs_like_onnxruntime(zoo_path, zoo_name, simd):
+    model = onnxsparse.prune(onnxsparse.load_model(zoo_path(zoo_name)), "1x16", 0.8)
+    session = InferenceSession(packed(model), threads=2)
+    assert session.plan.sparse_layers
+    feeds = {value.name: np.random.default_rng(0).standard_normal(
+        [d.dim_value for d in value.type.tensor_type.shape.dim]).astype(np.float32) for value in model.graph.input
+        if value.name not in {i.name for i in model.graph.initializer}}
+    for got, expected in zip(session.run(None, feeds), ort_outputs(model, feeds)):
+        assert_close(got, expected)
+
+
+def region_reference(integer: onnx.ModelProto, region, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The reference executor on the region's own nodes alone."""
+    from onnx import helper
+
+    names = {name for chain in region.chains for name in chain.node_names}
+    sub = onnx.ModelProto()
+    sub.CopyFrom(integer)
+    kept = [node for node in sub.graph.node if model_io.display_name(node) in names]
+    del sub.graph.node[:]
+    sub.graph.node.extend(kept)
+    del sub.graph.input[:], sub.graph.output[:], sub.graph.value_info[:]
+    sub.graph.input.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
+                           for name, dtype in zip(region.inputs, region.input_types))
+    sub.graph.output.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
+                            for name, dtype in zip(region.outputs, region.output_types))
+    return run_reference(sub, dict(zip(region.inputs, inputs)))
+
+
+@pytest.mark.zoo
+def test_zoo_model_packed_integer_regions_are_bit_exact(zoo_path, zoo_name):
+    """Each native region returns exactly what the reference executor computes from the same
+    inputs (taken from onnxruntime's run of the unpacked model, which runs the rest of the graph)."""
+    from onnx import helper
+
+    from onnxsparse.runner import random_inputs
+
+    model = onnxsparse.prune(onnxsparse.load_model(zoo_path(zoo_name)), "1x16", 0.8)
+    calibration = [{k: v[0] for k, v in random_inputs(model, seed).items()} for seed in range(2)]
+    integer = lower_to_integer(quantize(model, calibration, weight_bits=7))
+    session = InferenceSession(packed(integer), threads=2)
+    regions = session.plan.partition.regions
+    assert regions and session.plan.sparse_layers
+    types = {name: dtype for region in regions for name, dtype in zip(region.inputs, region.input_types)}
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(integer)
+    exposed.graph.output.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
+                                for name, dtype in types.items())
+    values = dict(zip(types, ort_outputs(exposed, random_inputs(model, 7))[len(integer.graph.output):]))
+    for region in regions:
+        inputs = [values[name] for name in region.inputs]
+        for got, exact in zip(region(*inputs), region_reference(integer, region, inputs)):
+            np.testing.assert_array_equal(got, exact)

@@ -256,7 +256,8 @@ for layer in job["layers"]:
         if os.path.isdir(traces) else 0
     if not job["keep_traces"]:
         shutil.rmtree(traces, ignore_errors=True)
-    print("@@scalesim@@ " + json.dumps({"id": layer["id"], "seconds": seconds, "cpu_seconds": cpu_seconds, "trace_bytes": trace_bytes,
+    print("@@scalesim@@ " + json.dumps({"id": layer["id"], "seconds": seconds, "cpu_seconds": cpu_seconds,
+                                          "trace_bytes": trace_bytes,
                                           "report": os.path.join(run_dir, "COMPUTE_REPORT.csv")}), flush=True)
 '''
 
@@ -437,7 +438,7 @@ def compare(layers: list[Layer], theirs: list[dict], ours: list[dict]) -> tuple[
     summary = {"layers": len(layers), "equal": equal, "mapping_efficiency_equal": eff_equal, **totals,
                "scalesim_seconds": sum(t["seconds"] for t in theirs),
                "scalesim_cpu_seconds": sum(t["cpu_seconds"] for t in theirs),
-               "scalesim_network_seconds": sum(t["seconds"] * l.multiplicity for t, l in zip(theirs, layers)),
+               "scalesim_network_seconds": sum(t["seconds"] * layer.multiplicity for t, layer in zip(theirs, layers)),
                "trace_bytes": sum(t["trace_bytes"] for t in theirs)}
     return rows, summary
 
@@ -497,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         by_name = {name: layer for layer in layers for name in layer.names}
         unknown = [n for n in wanted if n not in by_name]
         if unknown:
-            parser.error(f"unknown layer {', '.join(unknown)}; names: {', '.join(l.name for l in layers)}")
+            parser.error(f"unknown layer {', '.join(unknown)}; names: {', '.join(layer.name for layer in layers)}")
         layers = list({id(by_name[n]): by_name[n] for n in wanted}.values())
     print(f"ResNet-50 ({model_path}): {total_nodes} conv/fc layers, {len(layers)} unique shapes compared"
           + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
@@ -506,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="scalesim-compare-"))
     workdir.mkdir(parents=True, exist_ok=True)
     report: dict = {"model": str(model_path), "scalesim": SCALESIM_VERSION, "sram_kb": SRAM_KB,
-                    "traces": not args.no_traces, "uncut_padding": args.uncut_padding, "skipped_nodes": skipped, "configurations": []}
+                    "traces": not args.no_traces, "uncut_padding": args.uncut_padding, "skipped_nodes": skipped,
+                    "configurations": []}
     try:
         for dataflow, rows, cols in configs:
             name = f"{dataflow} {rows}x{cols}"
@@ -553,16 +555,18 @@ def main(argv: list[str] | None = None) -> int:
                 line += f" FAILED: {run.get('error')}"
             else:
                 network = s["scalesim_network_seconds"]
-                line += (f" for the whole network with values vs scalesim {network:.1f} s (x multiplicity, "
+                scope = "the network" if args.layers is None else f"only the {s['layers']} compared shapes"
+                line += (f" for the whole network with values vs scalesim {network:.1f} s ({scope} x multiplicity, "
                          f"ratio {network / run['seconds']:.1f}x)")
-                if run.get("total_compute_cycles") is not None and args.layers is None:
-                    line += (f"; its compute cycles {run['total_compute_cycles']:,} vs scalesim network total "
-                             f"{s['scalesim_network']:,}")
+                if run["layers"] and args.layers is None:
+                    mac_cycles = sum(layer["compute_cycles"] for layer in run["layers"].values())
+                    line += (f"; its conv/fc compute cycles {mac_cycles:,} vs scalesim network total "
+                             f"{s['scalesim_network']:,} (with its vector ops: {run['total_compute_cycles']:,})")
                 # Per conv/fc node: simulate's compute cycles against scalesim's for that node's shape.
                 config = next(c for c in report["configurations"]
                               if (c["dataflow"], c["array"]) == (run["dataflow"], run["array"]))
                 scalesim_by_node = {n: r["scalesim"]["total_cycles"] for r in config["layers"] for n in r["nodes"]}
-                matched = [(n, l["compute_cycles"], scalesim_by_node[n]) for n, l in run["layers"].items()
+                matched = [(n, entry["compute_cycles"], scalesim_by_node[n]) for n, entry in run["layers"].items()
                            if n in scalesim_by_node]
                 same = sum(ours == theirs for _, ours, theirs in matched)
                 line += f"; per node equal to scalesim {same}/{len(matched)}"

@@ -252,3 +252,17 @@ def test_zoo_model_packed_integer_regions_are_bit_exact(zoo_path, zoo_name):
         inputs = [values[name] for name in region.inputs]
         for got, exact in zip(region(*inputs), region_reference(integer, region, inputs)):
             np.testing.assert_array_equal(got, exact)
+
+
+def test_with_batch_frees_reshape_targets_written_for_batch_one():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxsparse.runtime.bench import with_batch
+
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(np.array([1, 8], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.arange(24, dtype=np.float32).reshape(3, 4, 2)
+    np.testing.assert_array_equal(ort_outputs(with_batch(model, 3), {"x": x})[0], x.reshape(3, 8))

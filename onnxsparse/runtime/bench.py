@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
-from onnxsparse.errors import UsageError
+from onnxsparse.errors import OnnxSparseError, UsageError
 from onnxsparse.formats.pack import DOMAIN, unpack_model
 from onnxsparse.runner import random_inputs
 
@@ -52,12 +53,22 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 
 
 def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """A copy whose graph inputs and outputs have batch dimension `batch` (stale inner shapes dropped)."""
+    """A copy whose graph inputs and outputs have batch dimension `batch` (stale inner shapes
+    dropped). Constant Reshape targets written for batch 1 ([1, ...]) get 0 there ("copy the
+    input's dimension"), as exporters of fixed-batch models write the batch into them."""
     if batch < 1:
         raise UsageError(f"batch must be at least 1, not {batch}")
     edited = onnx.ModelProto()
     edited.CopyFrom(model)
     initializers = {init.name for init in edited.graph.initializer}
+    if batch != 1:
+        targets = {node.input[1] for node in edited.graph.node if node.op_type == "Reshape" and len(node.input) > 1}
+        for init in edited.graph.initializer:
+            if init.name in targets:
+                shape = numpy_helper.to_array(init)
+                if shape.ndim == 1 and shape.size >= 2 and shape[0] == 1:
+                    init.CopyFrom(numpy_helper.from_array(np.concatenate([[0], shape[1:]]).astype(shape.dtype),
+                                                          init.name))
     for value in [*edited.graph.input, *edited.graph.output]:
         if value.name in initializers or not value.type.tensor_type.HasField("shape"):
             continue
@@ -111,8 +122,11 @@ def bench(packed: onnx.ModelProto, against: onnx.ModelProto | None = None, *, th
     sessions.append(("packed", "onnxsparse", "int8" if quantized else "fp32", packed_session))
     feeds = random_inputs(with_batch(packed, batch), seed)
 
-    reference = onnxruntime_session(with_batch(unpacked, batch), threads).run(None, feeds)
-    got = packed_session.run(None, feeds)
+    try:
+        reference = onnxruntime_session(with_batch(unpacked, batch), threads).run(None, feeds)
+        got = packed_session.run(None, feeds)
+    except Exception as exc:  # onnxruntime's message says which node failed on these inputs
+        raise OnnxSparseError(f"the model does not run at batch {batch}: {str(exc).splitlines()[0][:300]}") from exc
     difference = max((float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0)
                      for a, b in zip(got, reference))
 

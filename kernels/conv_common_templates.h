@@ -30,10 +30,18 @@ void prepare_input(const ConvAttrs& attrs, const Geometry& geo, const In* x, Out
                     for (int64_t j = begin; j < end; ++j) row[j] = convert(from[j]);
                     std::fill(row + end, row + plane_w, pad_value);
                 } else {
-                    for (int64_t j = 0; j < plane_w; ++j) {
-                        const int64_t c = j * attrs.stride_w + col_phase - attrs.pad_left;
-                        row[j] = (c >= 0 && c < in_w) ? convert(src_row[c]) : pad_value;
+                    // columns j with 0 <= j * stride + col_phase - pad_left < in_w: [begin, end)
+                    const int64_t stride = attrs.stride_w, first = col_phase - attrs.pad_left;
+                    const int64_t begin = std::min(plane_w, first >= 0 ? 0 : (-first + stride - 1) / stride);
+                    const int64_t end = std::max(begin, std::min(plane_w, (in_w - first + stride - 1) / stride));
+                    std::fill(row, row + begin, pad_value);
+                    const In* from = src_row + first;
+                    if (stride == 2) {
+                        for (int64_t j = begin; j < end; ++j) row[j] = convert(from[2 * j]);
+                    } else {
+                        for (int64_t j = begin; j < end; ++j) row[j] = convert(from[j * stride]);
                     }
+                    std::fill(row + end, row + plane_w, pad_value);
                 }
             }
         }

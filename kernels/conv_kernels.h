@@ -1,6 +1,8 @@
 // The two convolution kernels the Python module exposes (bindings.cpp validates arrays first).
 #pragma once
 
+#include <mutex>
+
 #include "conv_common.h"
 
 namespace onnxsparse {
@@ -66,11 +68,24 @@ class ConvQ8Kernel {
     // activations (bias - x_zp_u * sum w, exact in int64).
     bool u8_ok_ = false;
     int64_t u8_zero_point_ = 0;            // x_zp (uint8 input) or x_zp + 128 (int8 input)
-    Encoding u8_encoding_;                 // blocks as encoding_, terms two per pair
+    Encoding u8_encoding_;                 // sub-blocks of <= 4 rows of encoding_'s blocks, terms two per pair
     std::vector<int32_t> u8_weights_;      // per pair and row: bytes (w0, w1, w0, w1)
     std::vector<int32_t> u8_groups_;       // pairs per int16 group
-    std::vector<int64_t> u8_group_begin_;  // per block: first group (size blocks + 1)
+    std::vector<int64_t> u8_group_begin_;  // per sub-block: first group (size sub-blocks + 1)
+    std::vector<int64_t> u8_sub_begin_;    // per block of encoding_: first sub-block of u8_encoding_
     std::vector<int64_t> u8_bias_;
+
+    // Per-run state reused by the next run with the same input size (a concurrent run builds its own).
+    struct U8RunCache {
+        int64_t batch = -1, in_h = -1, in_w = -1;
+        std::vector<int64_t> offsets;
+        std::unique_ptr<Buffer<uint8_t>> prepared;
+        size_t prepared_size = 0;
+        std::vector<std::unique_ptr<Buffer<int32_t>>> scratches;
+        size_t scratch_size = 0;
+    };
+    mutable std::mutex u8_cache_mutex_;
+    mutable U8RunCache u8_cache_;
 };
 
 }  // namespace onnxsparse

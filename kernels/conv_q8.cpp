@@ -1,10 +1,15 @@
 // 8-bit sparse convolution with the exact integer rules of docs/ARITHMETIC.md.
 //
-// Activations are centered (x - x_zp) into int16 once per run. Terms of a block are taken two
-// at a time: the two input streams are interleaved (vpunpck[lh]wd) and multiplied by a
-// broadcast int16 weight pair with vpmaddwd into int32 (never vpmaddubsw, whose int16
-// saturation corrupts full-range int8 weights on non-VNNI CPUs). Block kernel: 4 output
-// channels x 16 pixels; one-row (CSR) kernel: 1 x 16.
+// Two integer paths, equal bit for bit (kernels/README.md has the design and the proofs):
+//  * AVX2, the vpmaddubsw path (run_u8): activations stay bytes, made unsigned (x, or x + 128 for
+//    int8) and padded with the unsigned zero point z_u, so acc = sum x_u * w - z_u * sum w, the
+//    second sum folded into the bias. Terms of 2-row sub-blocks are paired so that every pair has
+//    |w0| + |w1| <= 128 on both rows (255 * 128 = 32640 fits int16: vpmaddubsw cannot saturate),
+//    and consecutive pairs are grouped while the sum of |w| stays <= 128 on every row, so the int16
+//    sum of a group cannot leave int16 either; each group is then widened to int32.
+//  * The centered int16 path (scalar; AVX2 when some row has 255 * sum |w| >= 2**31): activations
+//    centered (x - x_zp) into int16, pairs interleaved (vpunpck[lh]wd) and multiplied by a
+//    broadcast int16 weight pair with vpmaddwd into int32. Block kernel 4 x 16, CSR 1 x 16.
 //
 // Requantization R(acc) = rhe(acc * multiplier / 2**shift). The scalar path computes it in
 // int64 exactly as arithmetic.py. The AVX2 path without a fused add works in float32 with an
@@ -14,10 +19,13 @@
 // error can never move t across (or onto) a rounding boundary k + 1/2, so rounding half-even
 // gives exactly R(acc). |t| >= 2**10 saturates any 8-bit output either way. Channels with a
 // larger shift use the int64 path. The fused residual add is exact in float64 (all integers
-// stay below 2**53 and scaling by 2**-shift is exact).
+// stay below 2**53 and scaling by 2**-shift is exact). On the vpmaddubsw path the int32 sum
+// acc_u + (bias - z_u * sum w) wraps modulo 2**32 in the float32 epilogue; it equals the true
+// accumulator, which fits int32 (the reference refuses models where it does not).
 #include <immintrin.h>
 
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "conv_kernels.h"
@@ -134,11 +142,11 @@ void chunk1_avx2(const int16_t* x, const int64_t* offsets, int64_t pairs, const 
 #undef ONNXSPARSE_MADD
 
 // ---- vpmaddubsw path (uint8 activations; see kernels/README.md for the bound) ----
-// One call computes 32 pixels of 4 rows (or 1 row) in two passes of 16 pixels: the two byte
-// streams of a pair are interleaved (vpunpck[lh]bw: pass 0 holds pixels 0-7 | 16-23, pass 1
-// pixels 8-15 | 24-31), vpmaddubsw against the broadcast (w0, w1) bytes gives exact int16 pair
-// sums, which add up in int16 over one group; after each group the int16 sums are widened to
-// int32 (even pixels: vpmaddwd with (1, 0); odd pixels: arithmetic shift by 16).
+// One call computes 32 pixels of 2 rows (or 1 row): the two byte streams of a pair are
+// interleaved (vpunpcklbw holds pixels 0-7 | 16-23, vpunpckhbw 8-15 | 24-31), vpmaddubsw against
+// the broadcast (w0, w1) bytes gives exact int16 pair sums, which add up in int16 over one group;
+// after each group the int16 sums are widened to int32 (even pixels: vpmaddwd with (1, 0); odd
+// pixels: arithmetic shift right by 16).
 constexpr int64_t kChunkU8 = 32;
 
 #define ONNXSPARSE_PAIR_STEP(s, wp) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v, _mm256_set1_epi32(*(wp))))
@@ -160,37 +168,41 @@ inline __m256i pair_bytes(const uint8_t* x, const int64_t* offsets) {
     return Half ? _mm256_unpackhi_epi8(a, b) : _mm256_unpacklo_epi8(a, b);
 }
 
-template <int Half>
-inline void pass4_u8(const uint8_t* x, const int64_t* offsets, const int32_t* groups, int64_t group_count,
-                     const int32_t* weights, int64_t stride, int32_t* out, int64_t out_stride) {
+// 2 rows x 32 pixels (both halves at once): per pair 2 input loads, 2 unpacks, 2 weight broadcasts
+// and 4 vpmaddubsw.
+__attribute__((noinline)) void rows2_u8(const uint8_t* x, const int64_t* offsets, const int32_t* groups,
+                                        int64_t group_count, const int32_t* weights, int32_t* out,
+                                        int64_t out_stride) {
     const __m256i one = _mm256_set1_epi32(1);
-    __m256i e0 = _mm256_setzero_si256(), o0 = e0, e1 = e0, o1 = e0, e2 = e0, o2 = e0, e3 = e0, o3 = e0;
-    for (int64_t g = 0; g < group_count; ++g) {
-        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
-        for (int32_t p = groups[g]; p > 0; --p) {
-            const __m256i v = pair_bytes<Half>(x, offsets);
-            ONNXSPARSE_PAIR_STEP(s0, weights);
-            ONNXSPARSE_PAIR_STEP(s1, weights + 1);
-            ONNXSPARSE_PAIR_STEP(s2, weights + 2);
-            ONNXSPARSE_PAIR_STEP(s3, weights + 3);
-            offsets += 2;
-            weights += stride;
+    __m256i e00 = _mm256_setzero_si256(), o00 = e00, e01 = e00, o01 = e00, e10 = e00, o10 = e00, e11 = e00, o11 = e00;
+    for (const int32_t* group_end = groups + group_count; groups != group_end; ++groups) {
+        __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00;
+        for (const int64_t* end = offsets + 2 * *groups; offsets != end; offsets += 2, weights += 2) {
+            const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[0]));
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[1]));
+            const __m256i lo = _mm256_unpacklo_epi8(a, b), hi = _mm256_unpackhi_epi8(a, b);
+            const __m256i w0 = _mm256_set1_epi32(weights[0]);
+            s00 = _mm256_add_epi16(s00, _mm256_maddubs_epi16(lo, w0));
+            s01 = _mm256_add_epi16(s01, _mm256_maddubs_epi16(hi, w0));
+            const __m256i w1 = _mm256_set1_epi32(weights[1]);
+            s10 = _mm256_add_epi16(s10, _mm256_maddubs_epi16(lo, w1));
+            s11 = _mm256_add_epi16(s11, _mm256_maddubs_epi16(hi, w1));
         }
-        ONNXSPARSE_WIDEN(e0, o0, s0);
-        ONNXSPARSE_WIDEN(e1, o1, s1);
-        ONNXSPARSE_WIDEN(e2, o2, s2);
-        ONNXSPARSE_WIDEN(e3, o3, s3);
+        ONNXSPARSE_WIDEN(e00, o00, s00);
+        ONNXSPARSE_WIDEN(e01, o01, s01);
+        ONNXSPARSE_WIDEN(e10, o10, s10);
+        ONNXSPARSE_WIDEN(e11, o11, s11);
     }
-    store_u8_half<Half>(out, e0, o0);
-    store_u8_half<Half>(out + out_stride, e1, o1);
-    store_u8_half<Half>(out + 2 * out_stride, e2, o2);
-    store_u8_half<Half>(out + 3 * out_stride, e3, o3);
+    store_u8_half<0>(out, e00, o00);
+    store_u8_half<1>(out, e01, o01);
+    store_u8_half<0>(out + out_stride, e10, o10);
+    store_u8_half<1>(out + out_stride, e11, o11);
 }
 
-void chunk4_u8_avx2(const uint8_t* x, const int64_t* offsets, const int32_t* groups, int64_t group_count,
-                    const int32_t* weights, int64_t stride, int32_t* out, int64_t out_stride) {
-    pass4_u8<0>(x, offsets, groups, group_count, weights, stride, out, out_stride);
-    pass4_u8<1>(x, offsets, groups, group_count, weights, stride, out, out_stride);
+// Sub-blocks of 2 rows: `stride` is always 2.
+void chunk2_u8_avx2(const uint8_t* x, const int64_t* offsets, const int32_t* groups, int64_t group_count,
+                    const int32_t* weights, int64_t, int32_t* out, int64_t out_stride) {
+    rows2_u8(x, offsets, groups, group_count, weights, out, out_stride);
 }
 
 void chunk1_u8_avx2(const uint8_t* x, const int64_t* offsets, const int32_t* groups, int64_t group_count,
@@ -199,14 +211,12 @@ void chunk1_u8_avx2(const uint8_t* x, const int64_t* offsets, const int32_t* gro
     __m256i e0 = _mm256_setzero_si256(), o0 = e0, e1 = e0, o1 = e0;
     for (int64_t g = 0; g < group_count; ++g) {
         __m256i s0 = _mm256_setzero_si256(), s1 = s0;
-        for (int32_t p = groups[g]; p > 0; --p) {
+        for (const int64_t* end = offsets + 2 * groups[g]; offsets != end; offsets += 2, ++weights) {
             const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[0]));
             const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[1]));
             const __m256i w = _mm256_set1_epi32(*weights);
             s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a, b), w));
             s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a, b), w));
-            offsets += 2;
-            ++weights;
         }
         ONNXSPARSE_WIDEN(e0, o0, s0);
         ONNXSPARSE_WIDEN(e1, o1, s1);
@@ -238,23 +248,51 @@ void epilogue_float_avx2(const int32_t* acc, YT* y, const Requant& q, int64_t le
     const __m256 low = _mm256_set1_ps(static_cast<float>(q.low - q.y_zero_point));
     const __m256 high = _mm256_set1_ps(static_cast<float>(q.high - q.y_zero_point));
     const __m256 safe = _mm256_set1_ps(0.5f - 1.0f / 2048.0f), sign = _mm256_set1_ps(-0.0f);
-    int64_t i = 0;
-    for (; i + 8 <= length; i += 8) {
-        const __m256i a = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i)), bias);
+    auto eight = [&](const int32_t* acc8, YT* y8) {
+        const __m256i a = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc8)), bias);
         __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(a), mult);
         t = _mm256_min_ps(_mm256_max_ps(t, low), high);
         const __m256 rounded = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         const __m256 distance = _mm256_andnot_ps(sign, _mm256_sub_ps(t, rounded));
         if (_mm256_movemask_ps(_mm256_cmp_ps(distance, safe, _CMP_GT_OQ))) {
-            epilogue_scalar(acc + i, y + i, static_cast<const YT*>(nullptr), q, 8);
-            continue;
+            epilogue_scalar(acc8, y8, static_cast<const YT*>(nullptr), q, 8);
+            return;
         }
         const __m256i out = _mm256_add_epi32(_mm256_cvtps_epi32(rounded), y_zp);
         const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(out), _mm256_extracti128_si256(out, 1));
         const __m128i bytes = std::is_signed<YT>::value ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(y + i), bytes);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(y8), bytes);
+    };
+    // 32 outputs at a time: one tie test for all four vectors, one 32-byte store
+    auto scaled = [&](const int32_t* acc8, __m256* far) {
+        const __m256i a = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc8)), bias);
+        const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), mult), low), high);
+        const __m256 rounded = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        *far = _mm256_or_ps(*far, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(t, rounded)), safe, _CMP_GT_OQ));
+        return _mm256_add_epi32(_mm256_cvtps_epi32(rounded), y_zp);
+    };
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t i = 0;
+    for (; i + 32 <= length; i += 32) {
+        __m256 near = _mm256_setzero_ps();
+        const __m256i o0 = scaled(acc + i, &near), o1 = scaled(acc + i + 8, &near);
+        const __m256i o2 = scaled(acc + i + 16, &near), o3 = scaled(acc + i + 24, &near);
+        if (_mm256_movemask_ps(near)) {
+            for (int k = 0; k < 32; k += 8) eight(acc + i + k, y + i + k);
+            continue;
+        }
+        const __m256i w01 = _mm256_packs_epi32(o0, o1), w23 = _mm256_packs_epi32(o2, o3);
+        const __m256i bytes = std::is_signed<YT>::value ? _mm256_packs_epi16(w01, w23) : _mm256_packus_epi16(w01, w23);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm256_permutevar8x32_epi32(bytes, order));
     }
-    epilogue_scalar(acc + i, y + i, static_cast<const YT*>(nullptr), q, length - i);
+    for (; i + 8 <= length; i += 8) eight(acc + i, y + i);
+    if (i < length) {  // the tail through 8-lane temporaries (the zero lanes are computed and dropped)
+        int32_t acc8[8] = {};
+        YT y8[8];
+        std::memcpy(acc8, acc + i, (length - i) * sizeof(int32_t));
+        eight(acc8, y8);
+        std::memcpy(y + i, y8, (length - i) * sizeof(YT));
+    }
 }
 
 template <typename YT>
@@ -286,16 +324,24 @@ void epilogue_avx2(const int32_t* acc, YT* y, const YT* residual, const Requant&
         }
         return _mm256_cvtpd_epi32(t);
     };
-    int64_t i = 0;
-    for (; i + 8 <= length; i += 8) {
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i));
-        const __m128i first = four(_mm256_castsi256_si128(a), residual ? residual + i : nullptr);
-        const __m128i second = four(_mm256_extracti128_si256(a, 1), residual ? residual + i + 4 : nullptr);
+    auto eight = [&](const int32_t* acc8, const YT* res8, YT* y8) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc8));
+        const __m128i first = four(_mm256_castsi256_si128(a), res8);
+        const __m128i second = four(_mm256_extracti128_si256(a, 1), res8 + 4);
         const __m128i words = _mm_packs_epi32(first, second);
         const __m128i bytes = std::is_signed<YT>::value ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(y + i), bytes);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(y8), bytes);
+    };
+    int64_t i = 0;
+    for (; i + 8 <= length; i += 8) eight(acc + i, residual + i, y + i);
+    if (i < length) {  // the tail through 8-lane temporaries
+        int32_t acc8[8] = {};
+        YT res8[8] = {}, y8[8];
+        std::memcpy(acc8, acc + i, (length - i) * sizeof(int32_t));
+        std::memcpy(res8, residual + i, (length - i) * sizeof(YT));
+        eight(acc8, res8, y8);
+        std::memcpy(y + i, y8, (length - i) * sizeof(YT));
     }
-    epilogue_scalar(acc + i, y + i, residual ? residual + i : nullptr, q, length - i);
 }
 
 #pragma GCC pop_options
@@ -364,60 +410,107 @@ void ConvQ8Kernel::build_u8_encoding(const int8_t* weight) {
     u8_encoding_.name = encoding_.name;
     u8_encoding_.nonzeros = encoding_.nonzeros;
     u8_group_begin_.assign(1, 0);
-    std::vector<int64_t> terms, load;
+    u8_sub_begin_.assign(1, 0);
+    std::vector<int64_t> terms, load, lengths;
     struct Pair {
         int64_t first, second;
         bool has_second;
     };
     std::vector<Pair> pairs;
+    // Each block is split into sub-blocks of the 2 rows (1 for CSR) one micro-kernel call computes,
+    // each with its own terms, pairing and groups.
     for (const Block& source : encoding_.blocks) {
-        auto value = [&](int64_t row, int64_t term) -> int64_t {
-            if (row >= source.rows) return 0;
-            return weight[((source.out0 + row) * cg + term / kk) * kk + term % kk];
-        };
-        terms.clear();
-        for (int64_t t = source.term_begin; t < source.term_end; t += 2) {
-            terms.push_back(encoding_.terms[t]);
-            if (encoding_.terms[t + 1] != encoding_.terms[t]) terms.push_back(encoding_.terms[t + 1]);
-        }
-        // neighbours pair up unless some row's |w0| + |w1| exceeds the bound: then the first goes alone
-        pairs.clear();
-        for (size_t i = 0; i < terms.size();) {
-            bool safe = i + 1 < terms.size();
-            for (int64_t row = 0; safe && row < source.rows; ++row)
-                safe = std::abs(value(row, terms[i])) + std::abs(value(row, terms[i + 1])) <= kMaxPairAbs;
-            pairs.push_back({terms[i], safe ? terms[i + 1] : terms[i], safe});
-            i += safe ? 2 : 1;
-        }
-        Block block = source;
-        block.term_begin = static_cast<int64_t>(u8_encoding_.terms.size());
-        block.weight_begin = static_cast<int64_t>(u8_weights_.size());
-        load.assign(source.stride, 0);
-        int32_t count = 0;
-        for (const Pair& pair : pairs) {
-            bool fits = true;
-            for (int64_t row = 0; row < source.rows && fits; ++row)
-                fits = load[row] + std::abs(value(row, pair.first)) +
-                           (pair.has_second ? std::abs(value(row, pair.second)) : 0) <= kMaxPairAbs;
-            if (!fits) {
-                u8_groups_.push_back(count);
-                count = 0;
-                std::fill(load.begin(), load.end(), 0);
+        const int64_t sub_rows = source.stride == 1 ? 1 : 2;
+        for (int64_t r0 = 0; r0 < source.rows; r0 += sub_rows) {
+            const int64_t rows = std::min(sub_rows, source.rows - r0);
+            auto value = [&](int64_t row, int64_t term) -> int64_t {
+                if (row >= rows) return 0;
+                return weight[((source.out0 + r0 + row) * cg + term / kk) * kk + term % kk];
+            };
+            terms.clear();
+            auto add_term = [&](int64_t term) {
+                for (int64_t row = 0; row < rows; ++row)
+                    if (value(row, term) != 0) return terms.push_back(term);
+            };
+            for (int64_t t = source.term_begin; t < source.term_end; t += 2) {
+                add_term(encoding_.terms[t]);
+                if (encoding_.terms[t + 1] != encoding_.terms[t]) add_term(encoding_.terms[t + 1]);
             }
-            ++count;
-            u8_encoding_.terms.push_back(pair.first);
-            u8_encoding_.terms.push_back(pair.second);
-            for (int64_t row = 0; row < source.stride; ++row) {
-                const int64_t w0 = value(row, pair.first), w1 = pair.has_second ? value(row, pair.second) : 0;
-                load[row] += std::abs(w0) + std::abs(w1);
-                const uint32_t bytes = static_cast<uint8_t>(w0) | (static_cast<uint32_t>(static_cast<uint8_t>(w1)) << 8);
-                u8_weights_.push_back(static_cast<int32_t>(bytes | (bytes << 16)));
+            // neighbours pair up unless some row's |w0| + |w1| exceeds the bound: then the first goes alone
+            pairs.clear();
+            for (size_t i = 0; i < terms.size();) {
+                bool safe = i + 1 < terms.size();
+                for (int64_t row = 0; safe && row < rows; ++row)
+                    safe = std::abs(value(row, terms[i])) + std::abs(value(row, terms[i + 1])) <= kMaxPairAbs;
+                pairs.push_back({terms[i], safe ? terms[i + 1] : terms[i], safe});
+                i += safe ? 2 : 1;
             }
+            auto cost = [&](int64_t row, const Pair& pair) {
+                return std::abs(value(row, pair.first)) + (pair.has_second ? std::abs(value(row, pair.second)) : 0);
+            };
+            // groups: consecutive pairs whose sum of |w| stays <= 128 on every row, at most `cap`
+            // pairs; the cap (the median of the uncapped lengths) makes many groups equally long
+            // so that the micro-kernel's group loop is predictable
+            auto make_groups = [&](int64_t cap, std::vector<int64_t>* out) {
+                out->clear();
+                load.assign(rows, 0);
+                int64_t count = 0;
+                for (const Pair& pair : pairs) {
+                    bool fits = count < cap;
+                    for (int64_t row = 0; row < rows && fits; ++row) fits = load[row] + cost(row, pair) <= kMaxPairAbs;
+                    if (!fits) {
+                        out->push_back(count);
+                        count = 0;
+                        std::fill(load.begin(), load.end(), 0);
+                    }
+                    ++count;
+                    for (int64_t row = 0; row < rows; ++row) load[row] += cost(row, pair);
+                }
+                if (count) out->push_back(count);
+            };
+            make_groups(std::numeric_limits<int64_t>::max(), &lengths);
+            if (!lengths.empty()) {
+                std::vector<int64_t> sorted = lengths;
+                std::sort(sorted.begin(), sorted.end());
+                make_groups(std::max<int64_t>(1, sorted[sorted.size() / 2]), &lengths);
+            }
+            Block block = source;
+            block.out0 = source.out0 + r0;
+            block.rows = rows;
+            block.stride = sub_rows;
+            block.term_begin = static_cast<int64_t>(u8_encoding_.terms.size());
+            block.weight_begin = static_cast<int64_t>(u8_weights_.size());
+            for (const Pair& pair : pairs) {
+                u8_encoding_.terms.push_back(pair.first);
+                u8_encoding_.terms.push_back(pair.second);
+            }
+            block.term_end = static_cast<int64_t>(u8_encoding_.terms.size());
+            // sub-blocks of one block usually pair the same terms: share one copy of the term list
+            // (and so of the run's offsets, which are streamed from memory like the weights)
+            if (r0 > 0) {
+                const Block& previous = u8_encoding_.blocks.back();
+                const auto terms_begin = u8_encoding_.terms.begin();
+                if (previous.term_end - previous.term_begin == block.term_end - block.term_begin &&
+                    std::equal(terms_begin + previous.term_begin, terms_begin + previous.term_end,
+                               terms_begin + block.term_begin)) {
+                    u8_encoding_.terms.resize(block.term_begin);
+                    block.term_begin = previous.term_begin;
+                    block.term_end = previous.term_end;
+                }
+            }
+            for (const Pair& pair : pairs) {
+                for (int64_t row = 0; row < sub_rows; ++row) {
+                    const int64_t w0 = value(row, pair.first), w1 = pair.has_second ? value(row, pair.second) : 0;
+                    const uint32_t bytes =
+                        static_cast<uint8_t>(w0) | (static_cast<uint32_t>(static_cast<uint8_t>(w1)) << 8);
+                    u8_weights_.push_back(static_cast<int32_t>(bytes | (bytes << 16)));
+                }
+            }
+            for (int64_t length : lengths) u8_groups_.push_back(static_cast<int32_t>(length));
+            u8_encoding_.blocks.push_back(block);
+            u8_group_begin_.push_back(static_cast<int64_t>(u8_groups_.size()));
         }
-        if (count) u8_groups_.push_back(count);
-        block.term_end = static_cast<int64_t>(u8_encoding_.terms.size());
-        u8_encoding_.blocks.push_back(block);
-        u8_group_begin_.push_back(static_cast<int64_t>(u8_groups_.size()));
+        u8_sub_begin_.push_back(static_cast<int64_t>(u8_encoding_.blocks.size()));
     }
     u8_ok_ = true;
 }
@@ -453,45 +546,64 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
     const bool may_be_direct = !std::is_signed<XT>::value;
     const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunkU8, may_be_direct);
     if (batch == 0) return;
-    std::unique_ptr<Buffer<uint8_t>> prepared;
+    std::unique_lock<std::mutex> cache_lock(u8_cache_mutex_, std::try_to_lock);
+    U8RunCache local;
+    U8RunCache& cache = cache_lock.owns_lock() ? u8_cache_ : local;
     const uint8_t* input = reinterpret_cast<const uint8_t*>(x);
     if (!geo.direct) {
-        prepared = std::make_unique<Buffer<uint8_t>>(geo.prepared_size);
-        prepare_input(attrs_, geo, x, prepared->get(), static_cast<uint8_t>(u8_zero_point_),
-                      [](XT v) { return static_cast<uint8_t>(static_cast<int>(v) + (std::is_signed<XT>::value ? 128 : 0)); });
-        input = prepared->get();
+        if (!cache.prepared || cache.prepared_size < static_cast<size_t>(geo.prepared_size)) {
+            cache.prepared = std::make_unique<Buffer<uint8_t>>(geo.prepared_size);
+            cache.prepared_size = geo.prepared_size;
+        }
+        uint8_t* prepared = cache.prepared->get();
+        if (std::is_signed<XT>::value)
+            prepare_input(attrs_, geo, x, prepared, static_cast<uint8_t>(u8_zero_point_),
+                          [](XT v) { return static_cast<uint8_t>(static_cast<int>(v) + 128); });
+        else
+            prepare_input(attrs_, geo, reinterpret_cast<const uint8_t*>(x), prepared,
+                          static_cast<uint8_t>(u8_zero_point_), [](uint8_t v) { return v; });
+        input = prepared;
     }
-    const std::vector<int64_t> offsets = term_offsets(attrs_, geo, u8_encoding_);
-    const int64_t blocks = static_cast<int64_t>(u8_encoding_.blocks.size());
+    if (cache.batch != batch || cache.in_h != in_h || cache.in_w != in_w) {
+        cache.offsets = term_offsets(attrs_, geo, u8_encoding_);
+        cache.batch = batch;
+        cache.in_h = in_h;
+        cache.in_w = in_w;
+    }
+    const std::vector<int64_t>& offsets = cache.offsets;
+    const int64_t blocks = static_cast<int64_t>(encoding_.blocks.size());
     const Tiling tiling = make_tiling(geo, blocks, kTileTarget, kChunkU8);
     const int64_t row_length = tiling.max_tile + 2 * kChunkU8;
     const int64_t out_plane = geo.out_h * geo.out_w, channels = attrs_.in_channels();
     const ResidualAdd* add = has_add_ ? &add_ : nullptr;
 
     const int threads = num_threads();
-    std::vector<std::unique_ptr<Buffer<int32_t>>> scratches(threads);
+    std::vector<std::unique_ptr<Buffer<int32_t>>>& scratches = cache.scratches;
+    if (static_cast<int>(scratches.size()) < threads || cache.scratch_size < static_cast<size_t>(16 * row_length)) {
+        scratches.clear();
+        scratches.resize(threads);
+        cache.scratch_size = 16 * row_length;
+    }
     parallel_for(tiling.items, threads, [&](int64_t item, int thread) {
-        if (!scratches[thread]) scratches[thread] = std::make_unique<Buffer<int32_t>>(16 * row_length);
+        if (!scratches[thread]) scratches[thread] = std::make_unique<Buffer<int32_t>>(cache.scratch_size);
         Buffer<int32_t>& scratch = *scratches[thread];
         const int64_t n = item / (tiling.tiles * blocks), tile = item / blocks % tiling.tiles;
-        const int64_t b = item % blocks;
-        const Block& block = u8_encoding_.blocks[b];
+        const Block& block = encoding_.blocks[item % blocks];
+        const int64_t sub_begin = u8_sub_begin_[item % blocks], sub_end = u8_sub_begin_[item % blocks + 1];
         const int64_t q0 = tiling.tile_begin(tile, geo.wide_pixels);
         const int64_t q1 = tiling.tile_begin(tile + 1, geo.wide_pixels);
         const uint8_t* x_group = input + (n * channels + block.group * attrs_.channels_per_group) * geo.channel_stride;
-        const int64_t* block_offsets = offsets.data() + block.term_begin;
-        const int32_t* groups = u8_groups_.data() + u8_group_begin_[b];
-        const int64_t group_count = u8_group_begin_[b + 1] - u8_group_begin_[b];
-        const int32_t* block_weights = u8_weights_.data() + block.weight_begin;
         for (int64_t q = q0; q < q1; q += kChunkU8) {
             const int64_t start = geo.direct ? std::min(q, geo.wide_pixels - kChunkU8) : q;
             int32_t* out = scratch.get() + (start - q0 + kChunkU8);
-            if (block.stride == 1) {
-                chunk1_u8_avx2(x_group + start, block_offsets, groups, group_count, block_weights, 1, out, row_length);
-            } else {
-                for (int64_t row = 0; row < block.rows; row += 4)
-                    chunk4_u8_avx2(x_group + start, block_offsets, groups, group_count, block_weights + row,
-                                   block.stride, out + row * row_length, row_length);
+            for (int64_t sub = sub_begin; sub < sub_end; ++sub) {
+                const Block& part = u8_encoding_.blocks[sub];
+                const int32_t* groups = u8_groups_.data() + u8_group_begin_[sub];
+                const int64_t group_count = u8_group_begin_[sub + 1] - u8_group_begin_[sub];
+                const ChunkU8Fn chunk = part.stride == 1 ? chunk1_u8_avx2 : chunk2_u8_avx2;
+                chunk(x_group + start, offsets.data() + part.term_begin, groups, group_count,
+                      u8_weights_.data() + part.weight_begin, part.stride,
+                      out + (part.out0 - block.out0) * row_length, row_length);
             }
         }
         for (int64_t row = 0; row < block.rows; ++row) {

@@ -334,6 +334,19 @@ def test_conv_q8_extreme_zero_points_and_saturating_sums(simd):
         np.testing.assert_array_equal(make_conv_q8(case, params, weight, bias).run(x), expected)
 
 
+def test_conv_q8_huge_fan_in_takes_the_int16_path(simd):
+    """255 * sum |w| >= 2**31 on a row: uncentered uint8 sums could overflow int32, so the
+    vpmaddubsw path must not be used (the centered int16 path still is exact)."""
+    case = Case("huge", 1, 8192, 3, 4, 2, (3, 3))
+    rng = np.random.default_rng(31)
+    weight = rng.choice(np.array([-128, 127], np.int8), case.weight_shape)
+    params = QuantParams(np.float32(0.02), 128, np.full(2, 2.5e-4, np.float32), np.float32(0.5), 100, False, False)
+    x = rng.integers(1, 256, (1, 8192, 3, 4)).astype(np.uint8)
+    bias = np.array([12345, -999], np.int32)
+    expected = reference_qlinear_conv(case, params, x, weight, bias)
+    np.testing.assert_array_equal(make_conv_q8(case, params, weight, bias).run(x), expected)
+
+
 def test_conv_q8_mixed_signedness_and_no_bias(simd):
     case = Case("mixed", 2, 16, 7, 7, 16, (3, 3), pads=(1, 1, 1, 1), pattern="1x16")
     rng = np.random.default_rng(3)

@@ -26,15 +26,17 @@ from onnxsparse.quant.lower import lower_to_integer
 from onnxsparse.quant.quantize import quantize
 from onnxsparse.runner import random_inputs
 from onnxsparse.runtime.bench import bench
-from onnxsparse.runtime.costmodel import KernelChooser
+from onnxsparse.runtime.costmodel import KernelChooser, choose_for_model
 from onnxsparse.zoo import ZOO_MODELS, zoo_model_path
 
 RESNET_CASES = ["1x16:0.5", "1x16:0.75", "1x16:0.8", "1x16:0.9", "bank:16:0.75", "mcbbs:c2r4:0.75"]
 
 
 def packed_auto(model: onnx.ModelProto, threads: int) -> onnx.ModelProto:
+    """What `onnxsparse pack` does by default: measured per layer, then settled on the whole model."""
     chooser = KernelChooser(model, threads)
-    return pack_model(model, choose_kernel=lambda node: chooser.choose(node).record()).model
+    packed = pack_model(model, choose_kernel=lambda node: chooser.choose(node).record()).model
+    return choose_for_model(packed, threads).model
 
 
 def calibration(model: onnx.ModelProto) -> list[dict]:

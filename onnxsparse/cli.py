@@ -433,6 +433,15 @@ def pack(input_path, output_path, encoding, huffman, mcbbs_window, kernels, thre
     with _progress("packing", len(model_io.find_weights(model)), enabled=not as_json) as advance:
         result = pack_model(model, encoding=encoding, huffman=huffman, mcbbs_window=mcbbs_window, on_layer=advance,
                             choose_kernel=choose)
+    settled = None
+    if kernels == "auto" and result.tensors:
+        from dataclasses import replace
+
+        from onnxsparse.runtime.costmodel import choose_for_model
+
+        settled = choose_for_model(result.model, threads)
+        result = replace(result, model=settled.model, tensors=tuple(
+            replace(t, kernel_choice=settled.records.get(t.node_name, t.kernel_choice)) for t in result.tensors))
     model_io.save_model(result.model, output_path)
     elapsed = time.perf_counter() - started
     if as_json:
@@ -442,6 +451,9 @@ def pack(input_path, output_path, encoding, huffman, mcbbs_window, kernels, thre
     print_packed(result.tensors, f"{input_path} -> {output_path}")
     for note in result.notes:
         stdout.print(f"note: {note}")
+    if settled is not None:
+        times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in settled.times_ms.items())
+        stdout.print(f"whole model on this machine (fastest of 7 runs): {times}; kept: {settled.chosen}")
     stdout.print(f"packed {len(result.tensors)} tensors; wrote {output_path} "
                  f"({_bytes(Path(output_path).stat().st_size)}, input {_bytes(Path(input_path).stat().st_size)}) "
                  f"in {elapsed:.1f} s")

@@ -143,17 +143,22 @@ def test_other_python_operators_keep_working_with_the_array_hook():
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], 2 * x)
 
 
-def test_pack_auto_records_a_measured_choice_per_layer(digits_model, tmp_path, capsys):
+def test_pack_auto_records_measured_choices_per_layer_and_for_the_whole_model(digits_model, tmp_path, capsys):
     source, target = tmp_path / "pruned.onnx", tmp_path / "packed.onnx"
     onnxsparse.save_model(onnxsparse.prune(digits_model, "1x16", 0.75), source)
     assert main(["pack", str(source), str(target), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     choices = {t["node"]: t["kernel"] for t in document["tensors"]}
     assert choices["/conv1/Conv"]["kernel"] == "dense" and choices["/conv1/Conv"]["reason"] == "no zeros"
+    variant = choices["/conv2/Conv"]["model_variant"]
+    assert variant in ("per layer", "all sparse", "all dense")
+    assert set(choices["/conv2/Conv"]["model_ms"]) == {"per layer", "all sparse", "all dense"}
     for name, choice in choices.items():
-        assert choice["kernel"] in ("sparse", "dense")
-        if choice["kernel"] == "sparse":
+        assert choice["kernel"] in ("sparse", "dense") and choice["model_variant"] == variant
+        if choice["kernel"] == "sparse" and variant == "per layer":
             assert choice["sparse_ms"] <= choice["dense_ms"]
+        if variant == "all dense":
+            assert choice["kernel"] == "dense"
     session = InferenceSession(str(target))
     assert set(session.plan.sparse_layers) == {name for name, c in choices.items() if c["kernel"] == "sparse"}
 

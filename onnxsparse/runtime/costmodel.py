@@ -1,8 +1,9 @@
 """Pack's kernel choice: run a layer sparse only where the native kernel beats dense onnxruntime.
 
 Measured, not predicted: the layer alone (its node and constants, a seeded random input of its
-inferred batch-1 shape) runs in onnxruntime dense and through the runtime's native path as it will
-run in the model (a custom operator in onnxruntime), interleaved; each side's fastest round counts
+inferred batch-1 shape) runs in dense onnxruntime and in the native kernel the runtime would build
+for it (the same chain code, called directly: in a model, consecutive sparse layers share one
+region, so hosting costs are per region, not per layer), interleaved; each side's fastest round counts
 (the least disturbed by other work on the machine, which distorts short multi-threaded runs far
 more than it slows them evenly). The sparse kernel must win by a margin (a region boundary costs a
 copy the single layer does not see).
@@ -11,6 +12,7 @@ The choice and both times are recorded on the packed node (docs/RUNTIME.md).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -98,10 +100,10 @@ class KernelChooser:
                 return KernelChoice("dense", split.skipped[0][1] if split.skipped else "no native kernel")
             native.set_num_threads(self.threads)
             dense = onnxruntime_session(layer, self.threads)
-            sparse = _hosted_session(split.model, self.threads)
-            x_name = layer.graph.input[0].name
-            feeds = {x_name: _random_input(layer.graph.input[0])}
-            dense_ms, sparse_ms = _interleaved(dense, sparse, feeds)
+            region = split.regions[0]
+            x = _random_input(layer.graph.input[0])
+            dense_ms, sparse_ms = _interleaved(lambda: dense.run(None, {layer.graph.input[0].name: x}),
+                                               lambda: region(x))
         finally:
             from onnxsparse.runtime import hosting
 
@@ -110,19 +112,6 @@ class KernelChooser:
             return KernelChoice("sparse", f"{dense_ms / sparse_ms:.2f}x faster than dense", sparse_ms, dense_ms)
         return KernelChoice("dense", f"sparse kernel not faster ({sparse_ms:.3f} vs {dense_ms:.3f} ms)",
                             sparse_ms, dense_ms)
-
-
-def _hosted_session(model: onnx.ModelProto, threads: int):
-    import onnxruntime as ort
-
-    from onnxsparse.runtime import hosting
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.register_custom_ops_library(hosting.library_path())
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _random_input(value: onnx.ValueInfoProto) -> np.ndarray:
@@ -135,12 +124,82 @@ def _random_input(value: onnx.ValueInfoProto) -> np.ndarray:
     return rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
 
 
-def _interleaved(dense, sparse, feeds) -> tuple[float, float]:
+def _interleaved(dense, sparse) -> tuple[float, float]:
     times = ([], [])
     for round_index in range(ROUNDS + 1):
-        for sink, session in zip(times, (dense, sparse)):
+        for sink, run in zip(times, (dense, sparse)):
             started = time.perf_counter()
-            session.run(None, feeds)
+            run()
             if round_index:  # the first round warms up
                 sink.append((time.perf_counter() - started) * 1e3)
     return min(times[0]), min(times[1])
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    model: onnx.ModelProto  # the packed model with the winning variant's records
+    chosen: str
+    times_ms: dict[str, float]
+    records: dict[str, dict]  # node name -> its execution record
+
+
+def _records(model: onnx.ModelProto) -> dict[str, dict]:
+    from onnxsparse.formats.pack import EXECUTION_ATTRIBUTE
+
+    found = {}
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.name == EXECUTION_ATTRIBUTE:
+                found[model_io.display_name(node)] = json.loads(helper.get_attribute_value(attribute))
+    return found
+
+
+def _with_records(model: onnx.ModelProto, update) -> onnx.ModelProto:
+    """A copy whose execution records are update(record)."""
+    from onnxsparse.formats.pack import EXECUTION_ATTRIBUTE
+
+    variant = onnx.ModelProto()
+    variant.CopyFrom(model)
+    for node in variant.graph.node:
+        for attribute in node.attribute:
+            if attribute.name == EXECUTION_ATTRIBUTE:
+                record = update(json.loads(helper.get_attribute_value(attribute)))
+                attribute.CopyFrom(helper.make_attribute(EXECUTION_ATTRIBUTE, json.dumps(record, sort_keys=True)))
+    return variant
+
+
+def _with_kernels(model: onnx.ModelProto, kernel_of) -> onnx.ModelProto:
+    """A copy whose execution records say kernel_of(record) instead."""
+    return _with_records(model, lambda r: {**r, "kernel": kernel_of(r)})
+
+
+def choose_for_model(packed: onnx.ModelProto, threads: int = 2, rounds: int = 7) -> ModelChoice:
+    """Settle the per-layer choices on the whole model: per-layer winners can lose together (each
+    dense layer between sparse ones splits a region and its copies; onnxruntime's threads then run
+    without spinning), so three variants run end to end, interleaved, fastest round each — as
+    measured per layer, every layer that has a native kernel sparse, and all dense (plain
+    onnxruntime) — and the fastest one's choices are kept. All dense being a candidate is what
+    makes a packed model not slower than dense onnxruntime."""
+    from onnxsparse.runner import random_inputs, runtime_session
+
+    variants = {
+        "per layer": packed,
+        "all sparse": _with_kernels(packed, lambda r: "sparse" if r.get("sparse_ms") is not None else r["kernel"]),
+        "all dense": _with_kernels(packed, lambda r: "dense"),
+    }
+    feeds = random_inputs(packed)
+    sessions = {name: runtime_session(model, threads) for name, model in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(rounds + 1):
+        for name, session in sessions.items():
+            started = time.perf_counter()
+            session.run(None, feeds)
+            if round_index:
+                times[name].append((time.perf_counter() - started) * 1e3)
+    for session in sessions.values():
+        session.close()
+    best = {name: min(values) for name, values in times.items()}
+    chosen = min(best, key=best.get)
+    summary = {name: round(ms, 3) for name, ms in best.items()}
+    model = _with_records(variants[chosen], lambda r: {**r, "model_variant": chosen, "model_ms": summary})
+    return ModelChoice(model, chosen, summary, _records(model))

@@ -2,8 +2,9 @@
 
 A region is one custom node whose Python body calls the native kernels. onnxruntime-extensions
 declares a Python operator by its input and output element types, so one operator type is
-registered per type signature (`OnnxsparseRegion_f_f`: one float input, one float output); the
-node's `region` attribute names the region object it runs, held in this process's registry.
+registered per type signature (`OnnxsparseRegion_f_f`: one float input, one float output), all of
+them at once on first use; the node's `region` attribute names the region object it runs, held
+in this process's registry.
 
 Measured (docs/RUNTIME.md): the stock invocation hook of onnxruntime-extensions 0.15 returns each
 output as `.flatten().tolist()`, a Python list of floats, which costs 12 ms for a 600 KB output
@@ -25,6 +26,7 @@ from onnxsparse.errors import OnnxSparseError
 DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions' domain for Python operators
 OP_PREFIX = "OnnxsparseRegion"
 REGION_ATTRIBUTE = "region"
+MAX_PORTS = 8  # inputs and outputs a region may have (a larger one is split into its chains)
 
 _TYPE_CODES = {np.dtype(np.float32): "f", np.dtype(np.uint8): "u8", np.dtype(np.int8): "s8"}
 _LOCK = threading.Lock()
@@ -72,26 +74,52 @@ def _type_code(dtype: np.dtype) -> str:
         raise OnnxSparseError(f"region tensors of type {np.dtype(dtype)} are not supported") from None
 
 
-def operator_type(input_types: Sequence[np.dtype], output_types: Sequence[np.dtype]) -> str:
-    """The registered custom operator type for this signature (registered on first use)."""
-    extensions, ocos = _extensions()
-    name = "_".join((OP_PREFIX, "".join(_type_code(t) for t in input_types),
+def _signature_name(input_types: Sequence[np.dtype], output_types: Sequence[np.dtype]) -> str:
+    return "_".join((OP_PREFIX, "".join(_type_code(t) for t in input_types),
                      "".join(_type_code(t) for t in output_types)))
+
+
+def _all_signatures() -> list[tuple[tuple[np.dtype, ...], tuple[np.dtype, ...]]]:
+    """Every signature a region may have: up to MAX_PORTS inputs and outputs of one element type,
+    and a single integer chain that changes type (x of one type, [residual and] y of the other)."""
+    signatures = []
+    for dtype in _TYPE_CODES:
+        for inputs in range(1, MAX_PORTS + 1):
+            for outputs in range(1, MAX_PORTS + 1):
+                signatures.append(((dtype,) * inputs, (dtype,) * outputs))
+    for x_type, y_type in ((np.dtype(np.uint8), np.dtype(np.int8)), (np.dtype(np.int8), np.dtype(np.uint8))):
+        signatures += [((x_type,), (y_type,)), ((x_type, y_type), (y_type,))]
+    return signatures
+
+
+def _register_all() -> None:
+    """Register every signature at once, before any session loads the library: onnxruntime-
+    extensions rebuilds its operator table when one is added later, and sessions made before
+    that then crash when they are destroyed (measured with 0.15.2)."""
+    extensions, ocos = _extensions()
+    element = {np.dtype(np.float32): ocos.PyCustomOpDef.dt_float, np.dtype(np.uint8): ocos.PyCustomOpDef.dt_uint8,
+               np.dtype(np.int8): ocos.PyCustomOpDef.dt_int8}
+
+    def body(*arrays, **attributes):
+        return _REGIONS[attributes[REGION_ATTRIBUTE]](*arrays)
+
+    for input_types, output_types in _all_signatures():
+        name = _signature_name(input_types, output_types)
+        extensions.onnx_op(op_type=name, inputs=[element[t] for t in input_types],
+                           outputs=[element[t] for t in output_types],
+                           attrs={REGION_ATTRIBUTE: ocos.PyCustomOpDef.dt_string})(body)
+        _REGISTERED_OPS.add(name)
+
+
+def operator_type(input_types: Sequence[np.dtype], output_types: Sequence[np.dtype]) -> str | None:
+    """The registered custom operator type for this signature, or None when there is none (the
+    region must then be split)."""
+    name = _signature_name(input_types, output_types)
     with _LOCK:
         _install_hook()
-        if name not in _REGISTERED_OPS:
-            element = {np.dtype(np.float32): ocos.PyCustomOpDef.dt_float,
-                       np.dtype(np.uint8): ocos.PyCustomOpDef.dt_uint8,
-                       np.dtype(np.int8): ocos.PyCustomOpDef.dt_int8}
-
-            def body(*arrays, **attributes):
-                return _REGIONS[attributes[REGION_ATTRIBUTE]](*arrays)
-
-            extensions.onnx_op(op_type=name, inputs=[element[np.dtype(t)] for t in input_types],
-                               outputs=[element[np.dtype(t)] for t in output_types],
-                               attrs={REGION_ATTRIBUTE: ocos.PyCustomOpDef.dt_string})(body)
-            _REGISTERED_OPS.add(name)
-    return name
+        if not _REGISTERED_OPS:
+            _register_all()
+    return name if name in _REGISTERED_OPS else None
 
 
 def register_region(region: Callable) -> str:

@@ -125,15 +125,28 @@ def partition(model: onnx.ModelProto, sparse_nodes: set[str], native) -> Partiti
     for index, node in enumerate(model.graph.node):
         if index not in taken:
             consumed_outside.update(node.input)
-    for number, region in enumerate(regions):
-        inside_reads = {name for other in regions if other is not region for chain in other.chains
-                        for name in (chain.input, chain.residual) if name}
-        region.outputs = [chain.output for chain in region.chains
-                          if chain.output in consumed_outside or chain.output in inside_reads]
-        region.finish()
+    while True:
+        for region in regions:
+            _finish(region, regions, consumed_outside)
+        unhostable = next((r for r in regions if hosting.operator_type(r.input_types, r.output_types) is None), None)
+        if unhostable is None:
+            break
+        # too many ports or mixed types: one region per chain (always a registered signature)
+        regions.remove(unhostable)
+        regions.extend(Region(chains=[chain]) for chain in unhostable.chains)
     region_ids = tuple(hosting.register_region(region) for region in regions)
     rewritten = _rewrite(model, regions, region_ids, taken)
     return Partition(rewritten, tuple(regions), region_ids, tuple(skipped))
+
+
+def _finish(region: Region, regions: list[Region], consumed_outside: set[str]) -> None:
+    """Set the region's outputs (what onnxruntime or another region reads) and boundary types."""
+    inside_reads = {name for other in regions if other is not region for chain in other.chains
+                    for name in (chain.input, chain.residual) if name}
+    region.inputs, region._last_use = [], {}
+    region.outputs = [chain.output for chain in region.chains
+                      if chain.output in consumed_outside or chain.output in inside_reads]
+    region.finish()
 
 
 def _rewrite(model: onnx.ModelProto, regions: list[Region], region_ids, taken: set[int]) -> onnx.ModelProto:

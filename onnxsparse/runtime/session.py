@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -24,6 +25,9 @@ from onnxsparse.quant.fold import fold_batch_norms
 from onnxsparse.quant.lower import lower_to_integer
 from onnxsparse.runtime import hosting
 from onnxsparse.runtime.regions import Partition, partition
+
+
+SPIN_OFF_SHARE = 0.5
 
 
 def native_kernels():
@@ -43,6 +47,7 @@ class RuntimePlan:
     partition: Partition
     sparse_layers: tuple[str, ...]
     dense_layers: tuple[tuple[str, str], ...]
+    sparse_mac_share: float = 0.0  # the share of the weight layers' dense MACs that runs natively
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -101,7 +106,23 @@ def plan_model(model: onnx.ModelProto) -> RuntimePlan:
     result = partition(plain, set(sparse), native)
     dense.extend(result.skipped)
     running = tuple(name for name in sparse if name not in dict(result.skipped))
-    return RuntimePlan(result, running, tuple(dense))
+    return RuntimePlan(result, running, tuple(dense), _mac_share(plain, set(running)))
+
+
+def _mac_share(model: onnx.ModelProto, names: set[str]) -> float:
+    """The share of the weight layers' dense MACs (batch 1) in the named layers."""
+    shapes = model_io.infer_shapes(model)
+    total = chosen = 0
+    for ref in model_io.find_weights(model):
+        node = model.graph.node[ref.node_index]
+        output = shapes.get(node.output[0])
+        weight = shapes.get(node.input[ref.input_index])
+        if not output or not weight:
+            continue
+        macs = int(np.prod(weight)) * int(np.prod(output[2:]) if len(output) > 2 else 1)
+        total += macs
+        chosen += macs if node.name in names else 0
+    return chosen / total if total else 0.0
 
 
 class InferenceSession:
@@ -120,7 +141,10 @@ class InferenceSession:
             native_kernels().set_num_threads(threads)
         if self.plan.partition.regions:
             options.register_custom_ops_library(hosting.library_path())
-            # onnxruntime's idle workers spin for a while; they would steal the cores our kernels run on
+        if self.plan.sparse_mac_share >= SPIN_OFF_SHARE:
+            # onnxruntime's idle workers spin after each op and would steal the cores the kernels run
+            # on; not spinning slows onnxruntime's own parallel ops (~35% on dense ResNet-50 here), so
+            # only when the native kernels do most of the work (docs/RUNTIME.md)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(self.plan.model.SerializeToString(), options,
@@ -144,6 +168,8 @@ class InferenceSession:
         return getattr(self._session, name)
 
     def close(self) -> None:
+        """Release onnxruntime's session and the native regions."""
+        self.__dict__.pop("_session", None)
         hosting.release_regions(self.plan.partition.region_ids)
 
     def __del__(self):

@@ -1,7 +1,8 @@
 """`onnxsparse bench`: a packed model against dense onnxruntime fp32 and int8, side by side.
 
-All sessions live in one process and run interleaved (round r runs every session once, in turn),
-so machine noise hits them alike; figures are medians over the rounds.
+All sessions live in one process and run interleaved (round r runs every session once, in turn,
+with a short pause before each run so the previous engine's threads stop spinning), so machine
+noise hits them alike; figures are medians over the rounds.
 """
 
 from __future__ import annotations
@@ -90,7 +91,14 @@ def _int8_dense(float_model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     return quantize(float_model, samples, weight_bits=7)
 
 
+# Before each run: onnxruntime's workers keep spinning for tens of milliseconds after a run and
+# would compete with the next engine's threads in the same process (measured with ResNet-50: the
+# engine run next took 63-68 ms instead of 38 ms after a pause of 0-20 ms, 38-41 ms after 100 ms+).
+SETTLE_SECONDS = 0.1
+
+
 def _timed(run: Callable[[], object], rounds_sink: list[float]) -> None:
+    time.sleep(SETTLE_SECONDS)
     started = time.perf_counter()
     run()
     rounds_sink.append((time.perf_counter() - started) * 1e3)

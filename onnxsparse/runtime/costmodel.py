@@ -3,9 +3,9 @@
 Measured, not predicted: the layer alone (its node and constants, a seeded random input of its
 inferred batch-1 shape) runs in dense onnxruntime and in the native kernel the runtime would build
 for it (the same chain code, called directly: in a model, consecutive sparse layers share one
-region, so hosting costs are per region, not per layer), interleaved; each side's fastest round counts
-(the least disturbed by other work on the machine, which distorts short multi-threaded runs far
-more than it slows them evenly). The sparse kernel must win by a margin (a region boundary costs a
+region, so hosting costs are per region, not per layer): 9 runs of each, one side after the other
+with a pause between, each side's fastest run counting (the least disturbed by other work on the
+machine, which distorts short multi-threaded runs far more than it slows them evenly). The sparse kernel must win by a margin (a region boundary costs a
 copy the single layer does not see).
 The choice and both times are recorded on the packed node (docs/RUNTIME.md).
 """
@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxsparse import model as model_io
+from onnxsparse.runtime.bench import SETTLE_SECONDS
 
 # Sparse runs only when it takes at most this fraction of the dense time.
 WIN_MARGIN = 0.85
@@ -125,14 +126,19 @@ def _random_input(value: onnx.ValueInfoProto) -> np.ndarray:
 
 
 def _interleaved(dense, sparse) -> tuple[float, float]:
-    times = ([], [])
-    for round_index in range(ROUNDS + 1):
-        for sink, run in zip(times, (dense, sparse)):
+    """Fastest of ROUNDS runs each: the dense runs back to back (onnxruntime's threads spin
+    between them, as in a model), then a pause for them to stop, then the sparse runs."""
+    times = []
+    for run in (dense, sparse):
+        time.sleep(SETTLE_SECONDS)
+        run()  # warm-up
+        samples = []
+        for _ in range(ROUNDS):
             started = time.perf_counter()
             run()
-            if round_index:  # the first round warms up
-                sink.append((time.perf_counter() - started) * 1e3)
-    return min(times[0]), min(times[1])
+            samples.append((time.perf_counter() - started) * 1e3)
+        times.append(min(samples))
+    return times[0], times[1]
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,7 @@ def choose_for_model(packed: onnx.ModelProto, threads: int = 2, rounds: int = 7)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(rounds + 1):
         for name, session in sessions.items():
+            time.sleep(SETTLE_SECONDS)
             started = time.perf_counter()
             session.run(None, feeds)
             if round_index:

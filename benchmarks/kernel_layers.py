@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from onnxsparse import _native
 from onnxsparse.quant.arithmetic import requantize_multiplier
+from onnxsparse.runtime.bench import SETTLE_SECONDS
 from onnxsparse.zoo import zoo_model_path
 
 SPARSITIES = (0.5, 0.75, 0.8, 0.9)
@@ -143,6 +144,7 @@ def median_latencies_ms(variants: dict, rounds: int, sample_seconds: float) -> d
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, run in variants.items():
+            time.sleep(SETTLE_SECONDS)  # let the previous variant's onnxruntime workers stop spinning
             start = time.perf_counter()
             for _ in range(calls[name]):
                 run()

@@ -142,7 +142,7 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
     const int64_t row_length = tiling.max_tile + 2 * kChunk;
     const int64_t out_plane = geo.out_h * geo.out_w, channels = attrs_.in_channels();
 
-const int threads = num_threads();
+    const int threads = num_threads();
     std::vector<std::unique_ptr<Buffer<float>>> scratches(threads);
     parallel_for(tiling.items, threads, [&](int64_t item, int thread) {
         if (!scratches[thread]) scratches[thread] = std::make_unique<Buffer<float>>(16 * row_length);

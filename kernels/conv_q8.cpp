@@ -641,7 +641,7 @@ void ConvQ8Kernel::run_typed(const XT* x, int64_t batch, int64_t in_h, int64_t i
     const int64_t out_plane = geo.out_h * geo.out_w, channels = attrs_.in_channels();
     const ResidualAdd* add = has_add_ ? &add_ : nullptr;
 
-const int threads = num_threads();
+    const int threads = num_threads();
     std::vector<std::unique_ptr<Buffer<int32_t>>> scratches(threads);
     parallel_for(tiling.items, threads, [&](int64_t item, int thread) {
         if (!scratches[thread]) scratches[thread] = std::make_unique<Buffer<int32_t>>(16 * row_length);

@@ -105,7 +105,7 @@ def _timed(run: Callable[[], object], rounds_sink: list[float]) -> None:
 
 
 def bench(packed: onnx.ModelProto, against: onnx.ModelProto | None = None, *, threads: int = 2, batch: int = 1,
-          rounds: int = 30, warmup: int = 3, seed: int = 0,
+          rounds: int = 30, warmup: int = 3, seed: int = 0, int8_baseline: bool = True,
           on_round: Callable[[], None] | None = None) -> BenchResult:
     from onnxsparse.model import onnxruntime_session
     from onnxsparse.runner import runtime_session
@@ -121,8 +121,9 @@ def bench(packed: onnx.ModelProto, against: onnx.ModelProto | None = None, *, th
     candidates: list[tuple[str, str, str, onnx.ModelProto]] = []
     if float_model is not None:
         candidates.append(("onnxruntime fp32", "onnxruntime", "fp32", float_model))
-    int8_model = unpacked if quantized else _int8_dense(float_model, seed)
-    candidates.append(("onnxruntime int8", "onnxruntime", "int8", int8_model))
+    if int8_baseline or quantized:
+        int8_model = unpacked if quantized else _int8_dense(float_model, seed)
+        candidates.append(("onnxruntime int8", "onnxruntime", "int8", int8_model))
 
     sessions = [(name, engine, precision, onnxruntime_session(with_batch(model, batch), threads))
                 for name, engine, precision, model in candidates]

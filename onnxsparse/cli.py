@@ -453,7 +453,7 @@ def pack(input_path, output_path, encoding, huffman, mcbbs_window, kernels, thre
         stdout.print(f"note: {note}")
     if settled is not None:
         times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in settled.times_ms.items())
-        stdout.print(f"whole model on this machine (fastest of 15 runs): {times}; kept: {settled.chosen}")
+        stdout.print(f"whole model on this machine (median of 15 runs): {times}; kept: {settled.chosen}")
     stdout.print(f"packed {len(result.tensors)} tensors; wrote {output_path} "
                  f"({_bytes(Path(output_path).stat().st_size)}, input {_bytes(Path(input_path).stat().st_size)}) "
                  f"in {elapsed:.1f} s")

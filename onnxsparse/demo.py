@@ -124,7 +124,7 @@ def run_demo(model_path: str | None, train_path: str | None, test_path: str | No
                   f"onnxruntime); outputs equal the integer reference's: {runtime_exact}")
     for label, report, exact in simulations:
         totals = report.totals
-        console.print(f"{label + ' on ' + report.config.label:<40s} {totals.total_cycles} cycles, "
+        console.print(f"{label + ', W8A8 on ' + report.config.label:<46s} {totals.total_cycles} cycles, "
                       f"{totals.speedup:.2f}x over the dense PE; outputs equal the integer reference's: {exact}")
     console.print(f"outputs in {out_dir}/")
 

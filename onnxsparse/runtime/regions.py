@@ -65,15 +65,14 @@ class Partition:
     skipped: tuple[tuple[str, str], ...]  # (node, why it stays in onnxruntime)
 
 
-def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Ranks of every tensor shape inference knows (Gemm / MatMul run natively on 2-D inputs only)."""
-    return {name: len(shape) for name, shape in model_io.infer_shapes(model).items() if shape is not None}
-
-
-def partition(model: onnx.ModelProto, sparse_nodes: set[str], native) -> Partition:
-    """Replace the chains starting at `sparse_nodes` (node names) by region nodes."""
+def partition(model: onnx.ModelProto, sparse_nodes: set[str], native,
+              shapes: dict[str, tuple[int, ...] | None] | None = None) -> Partition:
+    """Replace the chains starting at `sparse_nodes` (node names) by region nodes; `shapes` are
+    model_io.infer_shapes(model) when the caller has them already."""
     lookups = model_io.GraphIndex(model)
-    rank_of = _tensor_ranks(model).get
+    shapes = model_io.infer_shapes(model) if shapes is None else shapes
+    ranks = {name: len(shape) for name, shape in shapes.items() if shape is not None}
+    rank_of = ranks.get
     chains, skipped, taken = {}, [], set()
     for index, node in enumerate(model.graph.node):
         if node.name not in sparse_nodes or index in taken:

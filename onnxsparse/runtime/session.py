@@ -103,15 +103,15 @@ def plan_model(model: onnx.ModelProto) -> RuntimePlan:
     if any(node.op_type == "QuantizeLinear" for node in plain.graph.node):
         plain = lower_to_integer(plain)  # QDQ runs as the integer model it describes, in int8 kernels
     plain, _ = fold_batch_norms(plain)
-    result = partition(plain, set(sparse), native)
+    shapes = model_io.infer_shapes(plain)
+    result = partition(plain, set(sparse), native, shapes)
     dense.extend(result.skipped)
     running = tuple(name for name in sparse if name not in dict(result.skipped))
-    return RuntimePlan(result, running, tuple(dense), _mac_share(plain, set(running)))
+    return RuntimePlan(result, running, tuple(dense), _mac_share(plain, set(running), shapes))
 
 
-def _mac_share(model: onnx.ModelProto, names: set[str]) -> float:
+def _mac_share(model: onnx.ModelProto, names: set[str], shapes: dict) -> float:
     """The share of the weight layers' dense MACs (batch 1) in the named layers."""
-    shapes = model_io.infer_shapes(model)
     total = chosen = 0
     for ref in model_io.find_weights(model):
         node = model.graph.node[ref.node_index]

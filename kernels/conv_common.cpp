@@ -240,9 +240,12 @@ std::vector<int64_t> term_offsets(const ConvAttrs& attrs, const Geometry& geo, c
 
 Tiling make_tiling(const Geometry& geo, int64_t blocks, int64_t target, int64_t chunk) {
     Tiling tiling;
-    tiling.tiles = std::max<int64_t>(1, geo.wide_pixels / std::max(target, chunk));
+    tiling.chunk = chunk;
+    tiling.chunks = std::max<int64_t>(1, (geo.wide_pixels + chunk - 1) / chunk);
+    const int64_t per_tile = std::max<int64_t>(1, target / chunk);
+    tiling.tiles = (tiling.chunks + per_tile - 1) / per_tile;
     tiling.items = geo.batch * tiling.tiles * blocks;
-    tiling.max_tile = (geo.wide_pixels + tiling.tiles - 1) / tiling.tiles;
+    tiling.max_tile = (tiling.chunks + tiling.tiles - 1) / tiling.tiles * chunk;
     return tiling;
 }
 

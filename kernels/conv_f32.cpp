@@ -11,7 +11,8 @@ namespace onnxsparse {
 namespace {
 
 constexpr int64_t kChunk = 24;       // pixels per micro-kernel call
-constexpr int64_t kTileTarget = 384;  // wide pixels per work item
+constexpr int64_t kTileTarget = 384;    // wide pixels per work item, at most
+constexpr int64_t kTileBudget = 65536;  // input floats of one tile (256 KB), over all channels
 
 // Accumulate rows [row, row + R) of a block over one chunk into out[r * out_stride + i].
 template <int R>
@@ -125,16 +126,21 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
                         float* y) const {
     const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunk, true);
     if (batch == 0) return;
-    std::unique_ptr<Buffer<float>> prepared_buffer;
+    std::unique_lock<std::mutex> cache_lock(cache_mutex_, std::try_to_lock);
+    RunCache<float, float> local;
+    RunCache<float, float>& cache = cache_lock.owns_lock() ? cache_ : local;
     const float* prepared = x;
     if (!geo.direct) {
-        prepared_buffer = std::make_unique<Buffer<float>>(geo.prepared_size);
-        prepare_input(attrs_, geo, x, prepared_buffer->get(), 0.0f, [](float v) { return v; });
-        prepared = prepared_buffer->get();
+        float* buffer = cache.prepared_buffer(geo.prepared_size);
+        prepare_input(attrs_, geo, x, buffer, 0.0f, [](float v) { return v; });
+        prepared = buffer;
     }
-    const std::vector<int64_t> offsets = term_offsets(attrs_, geo, encoding_);
+    if (cache.resize_input(batch, in_h, in_w)) cache.offsets = term_offsets(attrs_, geo, encoding_);
+    const std::vector<int64_t>& offsets = cache.offsets;
     const int64_t blocks = static_cast<int64_t>(encoding_.blocks.size());
-    const Tiling tiling = make_tiling(geo, blocks, kTileTarget, kChunk);
+    // A tile's input (all channels) should stay in L2 while every block reads it.
+    const int64_t target = std::max<int64_t>(kChunk, std::min<int64_t>(kTileTarget, kTileBudget / attrs_.in_channels()));
+    const Tiling tiling = make_tiling(geo, blocks, target, kChunk);
     const bool avx2 = simd_level() == SimdLevel::avx2;
     const ChunkFn chunk4 = avx2 ? chunk4_avx2 : chunk_scalar<4>;
     const ChunkFn chunk1 = avx2 ? chunk1_avx2 : chunk_scalar<1>;
@@ -143,10 +149,9 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
     const int64_t out_plane = geo.out_h * geo.out_w, channels = attrs_.in_channels();
 
     const int threads = num_threads();
-    std::vector<std::unique_ptr<Buffer<float>>> scratches(threads);
+    cache.reserve_scratch(threads, 16 * row_length);
     parallel_for(tiling.items, threads, [&](int64_t item, int thread) {
-        if (!scratches[thread]) scratches[thread] = std::make_unique<Buffer<float>>(16 * row_length);
-        Buffer<float>& scratch = *scratches[thread];
+        float* scratch = cache.scratch(thread);
         const int64_t n = item / (tiling.tiles * blocks), tile = item / blocks % tiling.tiles;
         const Block& block = encoding_.blocks[item % blocks];
         const int64_t q0 = tiling.tile_begin(tile, geo.wide_pixels);
@@ -156,14 +161,14 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
         const int64_t* block_offsets = offsets.data() + block.term_begin;
         const int64_t terms = block.term_end - block.term_begin;
         const float* block_weights = weights_.data() + block.weight_begin;
-        // Rows outer, pixels inner: a 4-row slice of the block's weights stays in L1 while the
-        // tile's pixels stream past it.
+        // Pixels outer, rows inner: the chunk's input (one short run per term) stays in L1 while
+        // every 4-row slice of the block reads it; the block's weights stay in L1 as well.
         const int64_t row_step = block.stride == 1 ? 1 : 4;
-        for (int64_t row = 0; row < block.rows; row += row_step) {
-            for (int64_t q = q0; q < q1; q += kChunk) {
-                // Reading past the last pixel is only safe in a prepared (slack-padded) input.
-                const int64_t start = geo.direct ? std::min(q, geo.wide_pixels - kChunk) : q;
-                float* out = scratch.get() + row * row_length + (start - q0 + kChunk);
+        for (int64_t q = q0; q < q1; q += kChunk) {
+            // Reading past the last pixel is only safe in a prepared (slack-padded) input.
+            const int64_t start = geo.direct ? std::min(q, geo.wide_pixels - kChunk) : q;
+            for (int64_t row = 0; row < block.rows; row += row_step) {
+                float* out = scratch + row * row_length + (start - q0 + kChunk);
                 if (block.stride == 1)
                     chunk1(x_group + start, block_offsets, terms, block_weights, 1, out, row_length);
                 else
@@ -174,7 +179,7 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
             const int64_t o = block.out0 + row;
             float* y_plane = y + (n * attrs_.out_channels + o) * out_plane;
             const float* residual_plane = residual ? residual + (n * attrs_.out_channels + o) * out_plane : nullptr;
-            const float* acc = scratch.get() + row * row_length + kChunk;
+            const float* acc = scratch + row * row_length + kChunk;
             for_each_output_run(geo, q0, q1, [&](int64_t wide, int64_t out, int64_t length) {
                 epilogue(acc + (wide - q0), y_plane + out, residual_plane ? residual_plane + out : nullptr, bias_[o],
                          clamp_min_, clamp_max_, length);

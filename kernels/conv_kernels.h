@@ -22,6 +22,8 @@ class ConvF32Kernel {
     Encoding encoding_;
     std::vector<float> weights_, bias_;
     float clamp_min_, clamp_max_;
+    mutable std::mutex cache_mutex_;
+    mutable RunCache<float, float> cache_;
 };
 
 // The 8-bit residual add fused after a ConvQ8 (QLinearAdd's rule, arithmetic.py AddRescale).
@@ -75,17 +77,8 @@ class ConvQ8Kernel {
     std::vector<int64_t> u8_sub_begin_;    // per block of encoding_: first sub-block of u8_encoding_
     std::vector<int64_t> u8_bias_;
 
-    // Per-run state reused by the next run with the same input size (a concurrent run builds its own).
-    struct U8RunCache {
-        int64_t batch = -1, in_h = -1, in_w = -1;
-        std::vector<int64_t> offsets;
-        std::unique_ptr<Buffer<uint8_t>> prepared;
-        size_t prepared_size = 0;
-        std::vector<std::unique_ptr<Buffer<int32_t>>> scratches;
-        size_t scratch_size = 0;
-    };
     mutable std::mutex u8_cache_mutex_;
-    mutable U8RunCache u8_cache_;
+    mutable RunCache<uint8_t, int32_t> u8_cache_;
 };
 
 }  // namespace onnxsparse

@@ -547,15 +547,11 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
     const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunkU8, may_be_direct);
     if (batch == 0) return;
     std::unique_lock<std::mutex> cache_lock(u8_cache_mutex_, std::try_to_lock);
-    U8RunCache local;
-    U8RunCache& cache = cache_lock.owns_lock() ? u8_cache_ : local;
+    RunCache<uint8_t, int32_t> local;
+    RunCache<uint8_t, int32_t>& cache = cache_lock.owns_lock() ? u8_cache_ : local;
     const uint8_t* input = reinterpret_cast<const uint8_t*>(x);
     if (!geo.direct) {
-        if (!cache.prepared || cache.prepared_size < static_cast<size_t>(geo.prepared_size)) {
-            cache.prepared = std::make_unique<Buffer<uint8_t>>(geo.prepared_size);
-            cache.prepared_size = geo.prepared_size;
-        }
-        uint8_t* prepared = cache.prepared->get();
+        uint8_t* prepared = cache.prepared_buffer(geo.prepared_size);
         if (std::is_signed<XT>::value)
             prepare_input(attrs_, geo, x, prepared, static_cast<uint8_t>(u8_zero_point_),
                           [](XT v) { return static_cast<uint8_t>(static_cast<int>(v) + 128); });
@@ -564,12 +560,7 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
                           static_cast<uint8_t>(u8_zero_point_), [](uint8_t v) { return v; });
         input = prepared;
     }
-    if (cache.batch != batch || cache.in_h != in_h || cache.in_w != in_w) {
-        cache.offsets = term_offsets(attrs_, geo, u8_encoding_);
-        cache.batch = batch;
-        cache.in_h = in_h;
-        cache.in_w = in_w;
-    }
+    if (cache.resize_input(batch, in_h, in_w)) cache.offsets = term_offsets(attrs_, geo, u8_encoding_);
     const std::vector<int64_t>& offsets = cache.offsets;
     const int64_t blocks = static_cast<int64_t>(encoding_.blocks.size());
     const Tiling tiling = make_tiling(geo, blocks, kTileTarget, kChunkU8);
@@ -578,15 +569,9 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
     const ResidualAdd* add = has_add_ ? &add_ : nullptr;
 
     const int threads = num_threads();
-    std::vector<std::unique_ptr<Buffer<int32_t>>>& scratches = cache.scratches;
-    if (static_cast<int>(scratches.size()) < threads || cache.scratch_size < static_cast<size_t>(16 * row_length)) {
-        scratches.clear();
-        scratches.resize(threads);
-        cache.scratch_size = 16 * row_length;
-    }
+    cache.reserve_scratch(threads, 16 * row_length);
     parallel_for(tiling.items, threads, [&](int64_t item, int thread) {
-        if (!scratches[thread]) scratches[thread] = std::make_unique<Buffer<int32_t>>(cache.scratch_size);
-        Buffer<int32_t>& scratch = *scratches[thread];
+        int32_t* scratch = cache.scratch(thread);
         const int64_t n = item / (tiling.tiles * blocks), tile = item / blocks % tiling.tiles;
         const Block& block = encoding_.blocks[item % blocks];
         const int64_t sub_begin = u8_sub_begin_[item % blocks], sub_end = u8_sub_begin_[item % blocks + 1];
@@ -595,7 +580,7 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
         const uint8_t* x_group = input + (n * channels + block.group * attrs_.channels_per_group) * geo.channel_stride;
         for (int64_t q = q0; q < q1; q += kChunkU8) {
             const int64_t start = geo.direct ? std::min(q, geo.wide_pixels - kChunkU8) : q;
-            int32_t* out = scratch.get() + (start - q0 + kChunkU8);
+            int32_t* out = scratch + (start - q0 + kChunkU8);
             for (int64_t sub = sub_begin; sub < sub_end; ++sub) {
                 const Block& part = u8_encoding_.blocks[sub];
                 const int32_t* groups = u8_groups_.data() + u8_group_begin_[sub];
@@ -612,7 +597,7 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
                                   type_high(y_signed_), real_multiplier_[o], add};
             YT* y_plane = y + (n * attrs_.out_channels + o) * out_plane;
             const YT* residual_plane = residual ? residual + (n * attrs_.out_channels + o) * out_plane : nullptr;
-            const int32_t* acc = scratch.get() + row * row_length + kChunkU8;
+            const int32_t* acc = scratch + row * row_length + kChunkU8;
             for_each_output_run(geo, q0, q1, [&](int64_t wide, int64_t out, int64_t length) {
                 epilogue_avx2<YT>(acc + (wide - q0), y_plane + out, residual_plane ? residual_plane + out : nullptr,
                                   requant, length);

@@ -13,21 +13,25 @@ namespace {
 constexpr int64_t kChunk = 24;       // pixels per micro-kernel call
 constexpr int64_t kTileTarget = 384;    // wide pixels per work item, at most
 constexpr int64_t kTileBudget = 65536;  // input floats of one tile (256 KB), over all channels
+constexpr int64_t kTermSlice = 128;     // terms per pass over a chunk (their inputs: ~16 KB)
 
-// Accumulate rows [row, row + R) of a block over one chunk into out[r * out_stride + i].
-template <int R>
+// Accumulate rows [row, row + R) of a block over W pixels into out[r * out_stride + i].
+template <int R, int W>
 void chunk_scalar(const float* x, const int64_t* offsets, int64_t terms, const float* weights, int64_t stride,
-                  float* out, int64_t out_stride) {
-    float acc[R][kChunk] = {};
+                  float* out, int64_t out_stride, bool accumulate) {
+    float acc[R][W] = {};
+    if (accumulate)
+        for (int r = 0; r < R; ++r)
+            for (int64_t i = 0; i < W; ++i) acc[r][i] = out[r * out_stride + i];
     for (int64_t t = 0; t < terms; ++t) {
         const float* in = x + offsets[t];
         for (int r = 0; r < R; ++r) {
             const float w = weights[t * stride + r];
-            for (int64_t i = 0; i < kChunk; ++i) acc[r][i] += w * in[i];
+            for (int64_t i = 0; i < W; ++i) acc[r][i] += w * in[i];
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int64_t i = 0; i < kChunk; ++i) out[r * out_stride + i] = acc[r][i];
+        for (int64_t i = 0; i < W; ++i) out[r * out_stride + i] = acc[r][i];
 }
 
 void epilogue_scalar(const float* acc, float* y, const float* residual, float bias, float low, float high,
@@ -44,49 +48,64 @@ void epilogue_scalar(const float* acc, float* y, const float* residual, float bi
 #pragma GCC target("avx2,fma")
 
 // Accumulators are named variables: gcc spills arrays of __m256 to the stack on every iteration.
+// V: vectors of 8 pixels per row (3 = a whole chunk; 1 and 2 finish a row of pixels that is not a
+// multiple of 24 wide, such as the 49 or 63 wide pixels of a 7x7 layer, with less wasted work).
+template <int V>
 void chunk4_avx2(const float* x, const int64_t* offsets, int64_t terms, const float* weights, int64_t stride,
-                 float* out, int64_t out_stride) {
+                 float* out, int64_t out_stride, bool accumulate) {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
     __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+    if (accumulate) {
+        auto load = [&](int r, int v) { return v < V ? _mm256_loadu_ps(out + r * out_stride + 8 * v) : a00; };
+        a00 = load(0, 0), a01 = load(0, 1), a02 = load(0, 2), a10 = load(1, 0), a11 = load(1, 1), a12 = load(1, 2);
+        a20 = load(2, 0), a21 = load(2, 1), a22 = load(2, 2), a30 = load(3, 0), a31 = load(3, 1), a32 = load(3, 2);
+    }
     for (int64_t t = 0; t < terms; ++t) {
         const float* in = x + offsets[t];
-        const __m256 x0 = _mm256_loadu_ps(in), x1 = _mm256_loadu_ps(in + 8), x2 = _mm256_loadu_ps(in + 16);
+        const __m256 x0 = _mm256_loadu_ps(in);
+        const __m256 x1 = V > 1 ? _mm256_loadu_ps(in + 8) : x0, x2 = V > 2 ? _mm256_loadu_ps(in + 16) : x0;
         const float* w = weights + t * stride;
         __m256 wr = _mm256_broadcast_ss(w);
         a00 = _mm256_fmadd_ps(wr, x0, a00);
-        a01 = _mm256_fmadd_ps(wr, x1, a01);
-        a02 = _mm256_fmadd_ps(wr, x2, a02);
+        if (V > 1) a01 = _mm256_fmadd_ps(wr, x1, a01);
+        if (V > 2) a02 = _mm256_fmadd_ps(wr, x2, a02);
         wr = _mm256_broadcast_ss(w + 1);
         a10 = _mm256_fmadd_ps(wr, x0, a10);
-        a11 = _mm256_fmadd_ps(wr, x1, a11);
-        a12 = _mm256_fmadd_ps(wr, x2, a12);
+        if (V > 1) a11 = _mm256_fmadd_ps(wr, x1, a11);
+        if (V > 2) a12 = _mm256_fmadd_ps(wr, x2, a12);
         wr = _mm256_broadcast_ss(w + 2);
         a20 = _mm256_fmadd_ps(wr, x0, a20);
-        a21 = _mm256_fmadd_ps(wr, x1, a21);
-        a22 = _mm256_fmadd_ps(wr, x2, a22);
+        if (V > 1) a21 = _mm256_fmadd_ps(wr, x1, a21);
+        if (V > 2) a22 = _mm256_fmadd_ps(wr, x2, a22);
         wr = _mm256_broadcast_ss(w + 3);
         a30 = _mm256_fmadd_ps(wr, x0, a30);
-        a31 = _mm256_fmadd_ps(wr, x1, a31);
-        a32 = _mm256_fmadd_ps(wr, x2, a32);
+        if (V > 1) a31 = _mm256_fmadd_ps(wr, x1, a31);
+        if (V > 2) a32 = _mm256_fmadd_ps(wr, x2, a32);
     }
     const __m256 rows[4][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
     for (int r = 0; r < 4; ++r)
-        for (int v = 0; v < 3; ++v) _mm256_storeu_ps(out + r * out_stride + 8 * v, rows[r][v]);
+        for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + r * out_stride + 8 * v, rows[r][v]);
 }
 
+template <int V>
 void chunk1_avx2(const float* x, const int64_t* offsets, int64_t terms, const float* weights, int64_t stride,
-                 float* out, int64_t) {
+                 float* out, int64_t, bool accumulate) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0;
+    if (accumulate) {
+        a0 = _mm256_loadu_ps(out);
+        if (V > 1) a1 = _mm256_loadu_ps(out + 8);
+        if (V > 2) a2 = _mm256_loadu_ps(out + 16);
+    }
     for (int64_t t = 0; t < terms; ++t) {
         const float* in = x + offsets[t];
         const __m256 wr = _mm256_broadcast_ss(weights + t * stride);
         a0 = _mm256_fmadd_ps(wr, _mm256_loadu_ps(in), a0);
-        a1 = _mm256_fmadd_ps(wr, _mm256_loadu_ps(in + 8), a1);
-        a2 = _mm256_fmadd_ps(wr, _mm256_loadu_ps(in + 16), a2);
+        if (V > 1) a1 = _mm256_fmadd_ps(wr, _mm256_loadu_ps(in + 8), a1);
+        if (V > 2) a2 = _mm256_fmadd_ps(wr, _mm256_loadu_ps(in + 16), a2);
     }
     _mm256_storeu_ps(out, a0);
-    _mm256_storeu_ps(out + 8, a1);
-    _mm256_storeu_ps(out + 16, a2);
+    if (V > 1) _mm256_storeu_ps(out + 8, a1);
+    if (V > 2) _mm256_storeu_ps(out + 16, a2);
 }
 
 void epilogue_avx2(const float* acc, float* y, const float* residual, float bias, float low, float high,
@@ -104,7 +123,7 @@ void epilogue_avx2(const float* acc, float* y, const float* residual, float bias
 
 #pragma GCC pop_options
 
-using ChunkFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, float*, int64_t);
+using ChunkFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, float*, int64_t, bool);
 using EpilogueFn = void (*)(const float*, float*, const float*, float, float, float, int64_t);
 
 }  // namespace
@@ -142,8 +161,11 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
     const int64_t target = std::max<int64_t>(kChunk, std::min<int64_t>(kTileTarget, kTileBudget / attrs_.in_channels()));
     const Tiling tiling = make_tiling(geo, blocks, target, kChunk);
     const bool avx2 = simd_level() == SimdLevel::avx2;
-    const ChunkFn chunk4 = avx2 ? chunk4_avx2 : chunk_scalar<4>;
-    const ChunkFn chunk1 = avx2 ? chunk1_avx2 : chunk_scalar<1>;
+    // [vectors - 1]: kernels for 8, 16 and 24 pixels
+    const ChunkFn chunk4[3] = {avx2 ? chunk4_avx2<1> : chunk_scalar<4, 8>, avx2 ? chunk4_avx2<2> : chunk_scalar<4, 16>,
+                               avx2 ? chunk4_avx2<3> : chunk_scalar<4, 24>};
+    const ChunkFn chunk1[3] = {avx2 ? chunk1_avx2<1> : chunk_scalar<1, 8>, avx2 ? chunk1_avx2<2> : chunk_scalar<1, 16>,
+                               avx2 ? chunk1_avx2<3> : chunk_scalar<1, 24>};
     const EpilogueFn epilogue = avx2 ? epilogue_avx2 : epilogue_scalar;
     const int64_t row_length = tiling.max_tile + 2 * kChunk;
     const int64_t out_plane = geo.out_h * geo.out_w, channels = attrs_.in_channels();
@@ -165,14 +187,22 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
         // every 4-row slice of the block reads it; the block's weights stay in L1 as well.
         const int64_t row_step = block.stride == 1 ? 1 : 4;
         for (int64_t q = q0; q < q1; q += kChunk) {
+            const int64_t vectors = std::min<int64_t>(3, (q1 - q + 7) / 8), width = 8 * vectors;
             // Reading past the last pixel is only safe in a prepared (slack-padded) input.
-            const int64_t start = geo.direct ? std::min(q, geo.wide_pixels - kChunk) : q;
-            for (int64_t row = 0; row < block.rows; row += row_step) {
-                float* out = scratch + row * row_length + (start - q0 + kChunk);
-                if (block.stride == 1)
-                    chunk1(x_group + start, block_offsets, terms, block_weights, 1, out, row_length);
-                else
-                    chunk4(x_group + start, block_offsets, terms, block_weights + row, block.stride, out, row_length);
+            const int64_t start = geo.direct ? std::min(q, geo.wide_pixels - width) : q;
+            // Terms in slices whose inputs (one short run each) stay in L1 while every row slice reads them.
+            for (int64_t first = 0; first == 0 || first < terms; first += kTermSlice) {  // once if no terms
+                const int64_t count = std::min(kTermSlice, terms - first);
+                const float* slice_weights = block_weights + first * block.stride;
+                for (int64_t row = 0; row < block.rows; row += row_step) {
+                    float* out = scratch + row * row_length + (start - q0 + kChunk);
+                    if (block.stride == 1)
+                        chunk1[vectors - 1](x_group + start, block_offsets + first, count, slice_weights, 1, out,
+                                            row_length, first > 0);
+                    else
+                        chunk4[vectors - 1](x_group + start, block_offsets + first, count, slice_weights + row,
+                                            block.stride, out, row_length, first > 0);
+                }
             }
         }
         for (int64_t row = 0; row < block.rows; ++row) {

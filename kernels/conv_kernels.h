@@ -62,7 +62,7 @@ class ConvQ8Kernel {
     std::vector<double> real_multiplier_;  // multiplier * 2**-shift, exact
     int64_t x_zero_point_, y_zero_point_;
     bool x_signed_, y_signed_;
-    bool has_add_ = false;
+    bool has_add_ = false, float_add_ = false;
     ResidualAdd add_;
 
     // vpmaddubsw path: pairs of terms whose weight pairs satisfy |w0| + |w1| <= 128 on every row of

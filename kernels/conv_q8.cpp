@@ -53,6 +53,7 @@ struct Requant {
     int64_t bias, multiplier, shift, y_zero_point, low, high;
     double real_multiplier;
     const ResidualAdd* add;  // nullable
+    bool float_add;          // the fused add may take the float32 path (epilogue_add_float_avx2)
 };
 
 template <typename YT>
@@ -295,9 +296,64 @@ void epilogue_float_avx2(const int32_t* acc, YT* y, const Requant& q, int64_t le
     }
 }
 
+// With a fused add, in float32 (used when the add's scales keep the error small, see
+// float_add_ok): r = R(acc) clamped as above (exact, same tie test), then
+// t = r * A + (residual - z_r) * B with A = factor_conv * 2**-shift and B = factor_residual *
+// 2**-shift rounded to float32. r and the centered residual are integers below 256 in magnitude,
+// so |error| <= 2**-22 * (255 * (A + B) + 512) < 2**-11 when A + B < 6; lanes closer than that to
+// a rounding boundary again take the exact int64 path.
+template <typename YT>
+void epilogue_add_float_avx2(const int32_t* acc, YT* y, const YT* residual, const Requant& q, int64_t length) {
+    const __m256i bias = _mm256_set1_epi32(static_cast<int32_t>(q.bias));
+    const __m256 mult = _mm256_set1_ps(static_cast<float>(q.real_multiplier));
+    const __m256 low = _mm256_set1_ps(static_cast<float>(q.low - q.y_zero_point));
+    const __m256 high = _mm256_set1_ps(static_cast<float>(q.high - q.y_zero_point));
+    const __m256 add_low = _mm256_set1_ps(static_cast<float>(q.low - q.add->out_zero_point));
+    const __m256 add_high = _mm256_set1_ps(static_cast<float>(q.high - q.add->out_zero_point));
+    const float scale = std::ldexp(1.0f, -static_cast<int>(q.add->shift));
+    const __m256 factor_conv = _mm256_set1_ps(static_cast<float>(q.add->factor_conv) * scale);
+    const __m256 factor_residual = _mm256_set1_ps(static_cast<float>(q.add->factor_residual) * scale);
+    const __m256i residual_zp = _mm256_set1_epi32(static_cast<int32_t>(q.add->residual_zero_point));
+    const __m256i out_zp = _mm256_set1_epi32(static_cast<int32_t>(q.add->out_zero_point));
+    const __m256 safe = _mm256_set1_ps(0.5f - 1.0f / 2048.0f), sign = _mm256_set1_ps(-0.0f);
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    auto eight = [&](const int32_t* acc8, const YT* res8, YT* y8) {
+        const __m256i a = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc8)), bias);
+        const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), mult), low), high);
+        const __m256 r = _mm256_round_ps(t, kRound);
+        __m256 near = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(t, r)), safe, _CMP_GT_OQ);
+        const __m128i res_bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(res8));
+        const __m256i res32 = std::is_signed<YT>::value ? _mm256_cvtepi8_epi32(res_bytes) : _mm256_cvtepu8_epi32(res_bytes);
+        const __m256 centered = _mm256_cvtepi32_ps(_mm256_sub_epi32(res32, residual_zp));
+        __m256 t2 = _mm256_fmadd_ps(r, factor_conv, _mm256_mul_ps(centered, factor_residual));
+        t2 = _mm256_min_ps(_mm256_max_ps(t2, add_low), add_high);
+        const __m256 r2 = _mm256_round_ps(t2, kRound);
+        near = _mm256_or_ps(near, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(t2, r2)), safe, _CMP_GT_OQ));
+        if (_mm256_movemask_ps(near)) {
+            epilogue_scalar(acc8, y8, res8, q, 8);
+            return;
+        }
+        const __m256i out = _mm256_add_epi32(_mm256_cvtps_epi32(r2), out_zp);
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(out), _mm256_extracti128_si256(out, 1));
+        const __m128i bytes = std::is_signed<YT>::value ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(y8), bytes);
+    };
+    int64_t i = 0;
+    for (; i + 8 <= length; i += 8) eight(acc + i, residual + i, y + i);
+    if (i < length) {  // the tail through 8-lane temporaries
+        int32_t acc8[8] = {};
+        YT res8[8] = {}, y8[8];
+        std::memcpy(acc8, acc + i, (length - i) * sizeof(int32_t));
+        std::memcpy(res8, residual + i, (length - i) * sizeof(YT));
+        eight(acc8, res8, y8);
+        std::memcpy(y + i, y8, (length - i) * sizeof(YT));
+    }
+}
+
 template <typename YT>
 void epilogue_avx2(const int32_t* acc, YT* y, const YT* residual, const Requant& q, int64_t length) {
     if (!q.add) return epilogue_float_avx2(acc, y, q, length);
+    if (q.float_add) return epilogue_add_float_avx2(acc, y, residual, q, length);
     if (q.shift > kMaxFloatShift) return epilogue_scalar(acc, y, residual, q, length);
     constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m256d bias = _mm256_set1_pd(static_cast<double>(q.bias)), mult = _mm256_set1_pd(q.real_multiplier);
@@ -524,6 +580,9 @@ void ConvQ8Kernel::set_residual_add(const ResidualAdd& add) {
     check_zero_point("out_zero_point", add.out_zero_point, y_signed_);
     add_ = add;
     has_add_ = true;
+    // the float32 fused add's error bound (epilogue_add_float_avx2) needs A + B < 6
+    float_add_ = std::ldexp(static_cast<double>(add.factor_conv) + static_cast<double>(add.factor_residual),
+                            -static_cast<int>(add.shift)) < 6.0;
 }
 
 void ConvQ8Kernel::run(const void* x, int64_t batch, int64_t in_h, int64_t in_w, const void* residual, void* y) const {
@@ -594,7 +653,7 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
         for (int64_t row = 0; row < block.rows; ++row) {
             const int64_t o = block.out0 + row;
             const Requant requant{u8_bias_[o], multiplier_[o], shift_[o], y_zero_point_, type_low(y_signed_),
-                                  type_high(y_signed_), real_multiplier_[o], add};
+                                  type_high(y_signed_), real_multiplier_[o], add, add && float_add_};
             YT* y_plane = y + (n * attrs_.out_channels + o) * out_plane;
             const YT* residual_plane = residual ? residual + (n * attrs_.out_channels + o) * out_plane : nullptr;
             const int32_t* acc = scratch + row * row_length + kChunkU8;
@@ -653,7 +712,7 @@ void ConvQ8Kernel::run_typed(const XT* x, int64_t batch, int64_t in_h, int64_t i
         for (int64_t row = 0; row < block.rows; ++row) {
             const int64_t o = block.out0 + row;
             const Requant requant{bias_[o], multiplier_[o], shift_[o], y_zero_point_, type_low(y_signed_),
-                                  type_high(y_signed_), real_multiplier_[o], add};
+                                  type_high(y_signed_), real_multiplier_[o], add, add && float_add_};
             YT* y_plane = y + (n * attrs_.out_channels + o) * out_plane;
             const YT* residual_plane = residual ? residual + (n * attrs_.out_channels + o) * out_plane : nullptr;
             const int32_t* acc = scratch.get() + row * row_length + kChunk;

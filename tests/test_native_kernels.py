@@ -376,6 +376,33 @@ def test_conv_q8_requantization_is_exact_at_rounding_ties_and_saturation(simd):
     np.testing.assert_array_equal(conv.run(x), expected)
 
 
+@pytest.mark.parametrize("factor_conv, factor_residual, shift", [
+    (2**29, 3 * 2**28, 30),  # A = 0.5, B = 0.75: many sums exactly on k + 1/2 (the float32 path's tie test)
+    (2**30 - 1, 2**30 + 1, 31),  # just off the ties
+    (2**30, 2**30, 28),  # A + B = 8: the float64 path
+    (1, 2**31 - 1, 62),  # a tiny and a large factor
+])
+def test_conv_q8_fused_add_is_exact_at_ties_and_large_factors(factor_conv, factor_residual, shift, simd):
+    """conv + QLinearAdd in one epilogue: every output equals the integer rule, on both float paths."""
+    from onnxsparse.quant.arithmetic import AddRescale, FixedPointMultiplier
+
+    out_channels = 4
+    multiplier = np.array([2**30, 1518500250, 2**31 - 1, 1234567890], np.int64)
+    shift_conv = np.array([31, 33, 34, 36], np.int64)
+    weight = np.array([1, -3, 77, 127], np.int8).reshape(out_channels, 1, 1, 1)
+    bias = np.array([0, 5, -700, 3000], np.int32)
+    rng = np.random.default_rng(41)
+    x = rng.integers(0, 256, (1, 1, 24, 24)).astype(np.uint8)
+    residual = rng.integers(0, 256, (1, out_channels, 24, 24)).astype(np.uint8)
+    conv = _native.ConvQ8(weight, bias, 100, False, multiplier, shift_conv, 120, False, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    conv.set_residual_add(factor_conv, factor_residual, shift, 90, 110)
+    accumulator = (x.astype(np.int64) - 100) * weight.reshape(1, -1, 1, 1).astype(np.int64) + bias.reshape(1, -1, 1, 1)
+    rule = FixedPointMultiplier(multiplier.reshape(1, -1, 1, 1), shift_conv.reshape(1, -1, 1, 1))
+    conv_out = np.clip(rule.apply(accumulator) + 120, 0, 255)
+    total = AddRescale(factor_conv, factor_residual, shift).apply(conv_out - 120, residual.astype(np.int64) - 90)
+    np.testing.assert_array_equal(conv.run(x, residual), np.clip(total + 110, 0, 255).astype(np.uint8))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_small_convs_match_onnxruntime_and_reference(data, simd):

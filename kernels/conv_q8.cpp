@@ -35,7 +35,8 @@ namespace onnxsparse {
 namespace {
 
 constexpr int64_t kChunk = 16;
-constexpr int64_t kTileTarget = 896;
+constexpr int64_t kTileTarget = 896;    // wide pixels per work item, at most
+constexpr int64_t kTileBytes = 262144;  // input bytes of one tile (vpmaddubsw path), over all channels
 constexpr int64_t kMaxFloatShift = 42;
 
 int64_t shift_round_half_even(int64_t value, int64_t shift) {
@@ -622,7 +623,9 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
     if (cache.resize_input(batch, in_h, in_w)) cache.offsets = term_offsets(attrs_, geo, u8_encoding_);
     const std::vector<int64_t>& offsets = cache.offsets;
     const int64_t blocks = static_cast<int64_t>(encoding_.blocks.size());
-    const Tiling tiling = make_tiling(geo, blocks, kTileTarget, kChunkU8);
+    // A tile's input (all channels) should stay in L2 while every block reads it.
+    const int64_t target = std::max<int64_t>(kChunkU8, std::min<int64_t>(kTileTarget, kTileBytes / attrs_.in_channels()));
+    const Tiling tiling = make_tiling(geo, blocks, target, kChunkU8);
     const int64_t row_length = tiling.max_tile + 2 * kChunkU8;
     const int64_t out_plane = geo.out_h * geo.out_w, channels = attrs_.in_channels();
     const ResidualAdd* add = has_add_ ? &add_ : nullptr;

@@ -385,6 +385,8 @@ def bench(model_path, against_path, threads, batch, rounds, warmup, as_json) -> 
     stdout.print(f"{result.sparse_layers} layers sparse in {result.regions} native regions, {result.dense_layers} "
                  f"dense in onnxruntime; largest output difference vs the unpacked model in onnxruntime: "
                  f"{result.max_output_difference:.3g}")
+    stdout.print("packed is faster by: the median over rounds of that round's time ratio (one round's runs are "
+                 "seconds apart, so machine noise hits both sides)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +455,7 @@ def pack(input_path, output_path, encoding, huffman, mcbbs_window, kernels, thre
         stdout.print(f"note: {note}")
     if settled is not None:
         times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in settled.times_ms.items())
-        stdout.print(f"whole model on this machine (median of 15 runs): {times}; kept: {settled.chosen}")
+        stdout.print(f"whole model on this machine (median ms of 15 interleaved runs): {times}; kept: {settled.chosen}")
     stdout.print(f"packed {len(result.tensors)} tensors; wrote {output_path} "
                  f"({_bytes(Path(output_path).stat().st_size)}, input {_bytes(Path(input_path).stat().st_size)}) "
                  f"in {elapsed:.1f} s")

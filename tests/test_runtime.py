@@ -193,6 +193,15 @@ def test_bench_command_reports_medians_and_ratios(digits_model, tmp_path, capsys
     assert "not packed" in capsys.readouterr().err
 
 
+def test_speedups_are_medians_of_per_round_ratios():
+    from onnxsparse.runtime.bench import round_speedups
+
+    # slow phases (twice the time) hit rounds 3-5 of onnxruntime, rounds 4-5 of the packed model:
+    # the ratio of the medians would say 100 / 27 = 3.7x; each round's ratio is 2 except round 3
+    samples = {"ort": [50.0, 52.0, 100.0, 104.0, 102.0], "packed": [25.0, 26.0, 27.0, 52.0, 51.0]}
+    assert round_speedups(samples) == {"ort": 2.0}
+
+
 def test_hostile_packed_tensors_stop_at_the_reader(digits_integer, tmp_path, capsys):
     good = packed(digits_integer)
     for position in (20, 40, -3):

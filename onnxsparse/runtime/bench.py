@@ -1,8 +1,11 @@
 """`onnxsparse bench`: a packed model against dense onnxruntime fp32 and int8, side by side.
 
 All sessions live in one process and run interleaved (round r runs every session once, in turn,
-with a short pause before each run so the previous engine's threads stop spinning), so machine
-noise hits them alike; figures are medians over the rounds.
+with a short pause before each run so the previous engine's threads stop spinning; odd rounds
+run them in reverse order), so machine noise hits them alike. Times are medians over the rounds;
+a speed-up is the median over rounds of that round's ratio: the runs of one round are within a
+second of each other, so a slow phase of a shared machine hits both sides of each ratio (the
+ratio of two medians can mix a slow phase on one side with a fast one on the other).
 """
 
 from __future__ import annotations
@@ -41,11 +44,11 @@ class BenchResult:
     sparse_layers: int
     dense_layers: int
     regions: int
+    speedups: dict[str, float]  # baseline Timing name -> median over rounds of baseline / packed
 
     def ratio(self, baseline: str) -> float | None:
         """How many times faster the packed model runs than `baseline` (a Timing name)."""
-        times = {t.name: t.median_ms for t in self.timings}
-        return times[baseline] / times["packed"] if baseline in times else None
+        return self.speedups.get(baseline)
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
@@ -97,6 +100,12 @@ def _int8_dense(float_model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
 SETTLE_SECONDS = 0.1
 
 
+def round_speedups(samples: dict[str, list[float]], packed: str = "packed") -> dict[str, float]:
+    """Per baseline: the median over rounds of baseline time / packed time in that round."""
+    return {name: statistics.median(b / p for b, p in zip(values, samples[packed]))
+            for name, values in samples.items() if name != packed}
+
+
 def _timed(run: Callable[[], object], rounds_sink: list[float]) -> None:
     time.sleep(SETTLE_SECONDS)
     started = time.perf_counter()
@@ -141,7 +150,7 @@ def bench(packed: onnx.ModelProto, against: onnx.ModelProto | None = None, *, th
 
     samples: dict[str, list[float]] = {name: [] for name, *_ in sessions}
     for round_index in range(warmup + rounds):
-        for name, _, _, session in sessions:
+        for name, _, _, session in (sessions if round_index % 2 == 0 else sessions[::-1]):
             sink = samples[name] if round_index >= warmup else []
             _timed(lambda s=session: s.run(None, feeds), sink)
         if on_round is not None and round_index >= warmup:
@@ -151,6 +160,7 @@ def bench(packed: onnx.ModelProto, against: onnx.ModelProto | None = None, *, th
         values = sorted(samples[name])
         timings.append(Timing(name, engine, precision, statistics.median(values),
                               float(np.percentile(values, 10)), float(np.percentile(values, 90)), len(values)))
+    speedups = round_speedups(samples)
     plan = packed_session.plan
     return BenchResult(batch, threads, tuple(timings), difference, len(plan.sparse_layers), len(plan.dense_layers),
-                       len(plan.partition.regions))
+                       len(plan.partition.regions), speedups)

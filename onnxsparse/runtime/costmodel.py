@@ -187,7 +187,7 @@ def choose_for_model(packed: onnx.ModelProto, threads: int = 2, rounds: int = 15
     measured per layer, every layer that has a native kernel sparse, and all dense (plain
     onnxruntime) — and the one with the largest speed-up over all dense (the median over rounds of
     each round's ratio, as bench reports) is kept if it beats all dense by the same margin as a
-    layer must. All dense being the default is what keeps a packed model from running slower
+    layer must and wins at least three rounds in four. All dense being the default is what keeps a packed model from running slower
     than dense onnxruntime."""
     from onnxsparse.runner import random_inputs, runtime_session
 
@@ -211,10 +211,13 @@ def choose_for_model(packed: onnx.ModelProto, threads: int = 2, rounds: int = 15
         session.close()
     best = {name: statistics.median(values) for name, values in times.items()}
     # as bench reports a speed-up: the median over rounds of each round's ratio to all dense
-    speedups = {name: statistics.median(d / v for d, v in zip(times["all dense"], values))
-                for name, values in times.items() if name != "all dense"}
+    ratios = {name: [d / v for d, v in zip(times["all dense"], values)]
+              for name, values in times.items() if name != "all dense"}
+    speedups = {name: statistics.median(values) for name, values in ratios.items()}
     chosen = max(speedups, key=speedups.get)
-    if speedups[chosen] * WIN_MARGIN < 1.0:  # a small or uncertain gain is not worth the risk
+    # a small or uncertain gain is not worth the risk: the median round must win by the margin and
+    # at least three rounds in four must be faster than all dense
+    if speedups[chosen] * WIN_MARGIN < 1.0 or float(np.percentile(ratios[chosen], 25)) < 1.0:
         chosen = "all dense"
     summary = {name: round(ms, 3) for name, ms in best.items()}
     model = _with_records(variants[chosen], lambda r: {**r, "model_variant": chosen, "model_ms": summary})

@@ -176,6 +176,25 @@ def test_run_command_runs_a_packed_model(digits_model, digits_test, tmp_path, ca
     assert "logits" in capsys.readouterr().out
 
 
+def test_an_input_a_kernel_rejects_raises_and_the_session_goes_on(digits_model, digits_test, tmp_path, capsys):
+    # with a symbolic channel dimension onnxruntime lets a 2-channel input reach the first region;
+    # the kernel's error must come back as an exception (raised inside the operator it would end
+    # the process) and leave the session usable
+    model = onnxsparse.prune(digits_model, "1x16", 0.75)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "channels"
+    session = InferenceSession(packed(model), threads=2)
+    with pytest.raises(ValueError, match=r"node /conv1/Conv: the input has 2 channels"):
+        session.run(None, {"input": np.zeros((1, 2, 8, 8), np.float32)})
+    feeds = {"input": digits_test.inputs[:3]}
+    assert_close(session.run(None, feeds)[0], ort_outputs(model, feeds)[0])
+    target, inputs = tmp_path / "packed.onnx", tmp_path / "x.npy"
+    onnxsparse.save_model(packed(model), target)
+    np.save(inputs, np.zeros((1, 2, 8, 8), np.float32))
+    assert main(["run", str(target), "--input", str(inputs)]) == 2
+    stderr = capsys.readouterr().err
+    assert "2 channels" in stderr and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+
+
 def test_bench_command_reports_medians_and_ratios(digits_model, tmp_path, capsys):
     source, target = tmp_path / "pruned.onnx", tmp_path / "packed.onnx"
     model = onnxsparse.prune(digits_model, "1x16", 0.75)

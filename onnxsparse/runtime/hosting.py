@@ -32,6 +32,10 @@ _TYPE_CODES = {np.dtype(np.float32): "f", np.dtype(np.uint8): "u8", np.dtype(np.
 _LOCK = threading.Lock()
 _REGISTERED_OPS: set[str] = set()
 _REGIONS: dict[str, Callable] = {}
+# An exception that escapes an operator's body ends the process (onnxruntime-extensions lets it
+# reach std::terminate), so the body records it here, returns empty outputs, and the session's
+# run raises it once onnxruntime returns (or fails on those outputs).
+_ERRORS: dict[str, BaseException] = {}
 _NEXT_ID = itertools.count()
 _HOOK_INSTALLED = False
 
@@ -100,14 +104,22 @@ def _register_all() -> None:
     element = {np.dtype(np.float32): ocos.PyCustomOpDef.dt_float, np.dtype(np.uint8): ocos.PyCustomOpDef.dt_uint8,
                np.dtype(np.int8): ocos.PyCustomOpDef.dt_int8}
 
-    def body(*arrays, **attributes):
-        return _REGIONS[attributes[REGION_ATTRIBUTE]](*arrays)
+    def make_body(output_types):
+        def body(*arrays, **attributes):
+            region_id = attributes[REGION_ATTRIBUTE]
+            try:
+                return _REGIONS[region_id](*arrays)
+            except BaseException as exc:  # noqa: BLE001 - raising here would abort the process
+                with _LOCK:
+                    _ERRORS.setdefault(region_id, exc)
+                return tuple(np.empty(0, dtype) for dtype in output_types)
+        return body
 
     for input_types, output_types in _all_signatures():
         name = _signature_name(input_types, output_types)
         extensions.onnx_op(op_type=name, inputs=[element[t] for t in input_types],
                            outputs=[element[t] for t in output_types],
-                           attrs={REGION_ATTRIBUTE: ocos.PyCustomOpDef.dt_string})(body)
+                           attrs={REGION_ATTRIBUTE: ocos.PyCustomOpDef.dt_string})(make_body(output_types))
         _REGISTERED_OPS.add(name)
 
 
@@ -134,6 +146,15 @@ def release_regions(region_ids: Sequence[str]) -> None:
     with _LOCK:
         for region_id in region_ids:
             _REGIONS.pop(region_id, None)
+            _ERRORS.pop(region_id, None)
+
+
+def take_error(region_ids: Sequence[str]) -> BaseException | None:
+    """The first error a run recorded in these regions (cleared); None when they all ran.
+    Concurrent runs of one session share the record: a failing run may report in a parallel one."""
+    with _LOCK:
+        errors = [_ERRORS.pop(region_id) for region_id in region_ids if region_id in _ERRORS]
+    return errors[0] if errors else None
 
 
 def library_path() -> str:

@@ -50,7 +50,10 @@ class Region:
         keep = set(self.outputs)
         for position, chain in enumerate(self.chains):
             residual = values[chain.residual] if chain.residual else None
-            values[chain.output] = chain.run(values[chain.input], residual)
+            try:
+                values[chain.output] = chain.run(values[chain.input], residual)
+            except ValueError as exc:  # the kernels' argument checks: name the node
+                raise ValueError(f"node {chain.label}: {exc}") from exc
             for name in (chain.input, chain.residual):
                 if name and self._last_use.get(name) == position and name not in keep:
                     values.pop(name, None)

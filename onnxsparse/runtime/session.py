@@ -154,7 +154,19 @@ class InferenceSession:
             raise
 
     def run(self, output_names, input_feed, run_options=None):
-        return self._session.run(output_names, input_feed, run_options)
+        region_ids = self.plan.partition.region_ids
+        hosting.take_error(region_ids)  # nothing left over from an interrupted run
+        try:
+            outputs = self._session.run(output_names, input_feed, run_options)
+        except Exception as exc:
+            error = hosting.take_error(region_ids)
+            if error is not None:  # a region failed first; onnxruntime then failed on its empty outputs
+                raise error from exc
+            raise
+        error = hosting.take_error(region_ids)
+        if error is not None:
+            raise error
+        return outputs
 
     def get_inputs(self):
         return self._session.get_inputs()

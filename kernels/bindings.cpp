@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "conv_kernels.h"
+#include "pool.h"
 
 namespace py = pybind11;
 using namespace onnxsparse;
@@ -217,6 +218,65 @@ class PyConvQ8 {
     std::unique_ptr<ConvQ8Kernel> kernel_;
 };
 
+class PyMaxPool {
+  public:
+    PyMaxPool(const std::vector<int64_t>& kernel_shape, const std::vector<int64_t>& strides,
+              const std::vector<int64_t>& pads, const std::vector<int64_t>& dilations) {
+        const auto k = checked_ints(kernel_shape, 2, "kernel_shape"), s = checked_ints(strides, 2, "strides"),
+                   p = checked_ints(pads, 4, "pads (top, left, bottom, right)"),
+                   d = checked_ints(dilations, 2, "dilations");
+        ConvAttrs attrs;
+        attrs.out_channels = attrs.channels_per_group = attrs.groups = 1;
+        attrs.kernel_h = k[0];
+        attrs.kernel_w = k[1];
+        attrs.stride_h = s[0];
+        attrs.stride_w = s[1];
+        attrs.pad_top = p[0];
+        attrs.pad_left = p[1];
+        attrs.pad_bottom = p[2];
+        attrs.pad_right = p[3];
+        attrs.dilation_h = d[0];
+        attrs.dilation_w = d[1];
+        kernel_ = std::make_unique<MaxPoolKernel>(attrs);
+    }
+
+    py::array run(const py::object& x_value, const py::object& residual) const {
+        if (!residual.is_none()) throw ConvError("MaxPool takes no residual");
+        if (!py::isinstance<py::array>(x_value)) throw ConvError("x must be a numpy array");
+        const py::dtype dtype = py::reinterpret_borrow<py::array>(x_value).dtype();
+        if (dtype.equal(py::dtype::of<float>())) return run_typed<float>(x_value);
+        if (dtype.equal(py::dtype::of<uint8_t>())) return run_typed<uint8_t>(x_value);
+        if (dtype.equal(py::dtype::of<int8_t>())) return run_typed<int8_t>(x_value);
+        throw ConvError("x must be float32, uint8 or int8, got " + py::str(dtype).cast<std::string>());
+    }
+
+    py::tuple output_shape(const std::vector<int64_t>& input_shape) const { return as_tuple(shape_for(input_shape)); }
+
+  private:
+    std::vector<int64_t> shape_for(const std::vector<int64_t>& input_shape) const {
+        if (input_shape.size() != 4) throw ConvError("the input must be 4-D [N, C, H, W]");
+        if (input_shape[0] < 0 || input_shape[1] < 0) throw ConvError("the batch and channel sizes must be >= 0");
+        int64_t out_h = 0, out_w = 0;
+        output_size(kernel_->attrs(), input_shape[2], input_shape[3], &out_h, &out_w);
+        return {input_shape[0], input_shape[1], out_h, out_w};
+    }
+
+    template <typename T>
+    py::array run_typed(const py::object& x_value) const {
+        const py::array x = checked_array<T>(x_value, "x", 4);
+        py::array_t<T> y(shape_for(shape_of(x)));
+        T* y_data = y.mutable_data();
+        const T* x_data = static_cast<const T*>(x.data());
+        {
+            py::gil_scoped_release release;
+            kernel_->run<T>(x_data, x.shape(0), x.shape(1), x.shape(2), x.shape(3), y_data);
+        }
+        return std::move(y);
+    }
+
+    std::unique_ptr<MaxPoolKernel> kernel_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -251,4 +311,11 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("nonzeros", &PyConvQ8::nonzeros)
         .def_property_readonly("encoding", &PyConvQ8::encoding)
         .def("output_shape", &PyConvQ8::output_shape, py::arg("input_shape"));
+
+    py::class_<PyMaxPool>(m, "MaxPool", "ONNX MaxPool (floor output size) on float32, uint8 or int8 NCHW input.")
+        .def(py::init<const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+                      const std::vector<int64_t>&>(),
+             py::arg("kernel_shape"), py::arg("strides"), py::arg("pads"), py::arg("dilations"))
+        .def("run", &PyMaxPool::run, py::arg("x"), py::arg("residual") = py::none())
+        .def("output_shape", &PyMaxPool::output_shape, py::arg("input_shape"));
 }

@@ -426,6 +426,56 @@ def test_random_small_convs_match_onnxruntime_and_reference(data, simd):
     check_q8_case(case, rng, x_signed=data.draw(st.booleans()), y_signed=data.draw(st.booleans()))
 
 
+def ort_max_pool(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    element = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint8): TensorProto.UINT8,
+               np.dtype(np.int8): TensorProto.INT8}[x.dtype]
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=list(kernel), strides=list(strides),
+                            pads=list(pads), dilations=list(dilations))
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", element, None)],
+                              [helper.make_tensor_value_info("y", element, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_max_pool_equals_onnxruntime(data):
+    kernel = (data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)))
+    dilations = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)))
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    pads = tuple(data.draw(st.integers(0, kernel[i % 2] - 1)) for i in range(4))  # onnxruntime: pad < kernel
+    strides = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
+    height = data.draw(st.integers(max(1, extent[0] - pads[0] - pads[2]), 20))
+    width = data.draw(st.integers(max(1, extent[1] - pads[1] - pads[3]), 20))
+    dtype = data.draw(st.sampled_from([np.float32, np.uint8, np.int8]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5)), height, width)
+    if dtype == np.float32:
+        x = rng.standard_normal(shape).astype(np.float32) * 10
+    else:
+        x = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max + 1, shape).astype(dtype)
+    pool = _native.MaxPool(kernel, strides, pads, dilations)
+    got = pool.run(x)
+    np.testing.assert_array_equal(got, ort_max_pool(x, kernel, strides, pads, dilations))
+    assert got.dtype == x.dtype and pool.output_shape(list(shape)) == got.shape
+
+
+def test_max_pool_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="smaller than the pooling window"):
+        _native.MaxPool([3, 3], [2, 2], [3, 0, 0, 0], [1, 1])
+    with pytest.raises(ValueError, match="kernel_shape must have 2 values"):
+        _native.MaxPool([3], [2, 2], [0, 0, 0, 0], [1, 1])
+    pool = _native.MaxPool([3, 3], [1, 1], [0, 0, 0, 0], [1, 1])
+    with pytest.raises(ValueError, match="float32, uint8 or int8"):
+        pool.run(np.zeros((1, 1, 4, 4), np.float64))
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        pool.run(np.zeros((1, 1, 2, 4), np.float32))
+    with pytest.raises(ValueError, match="4-D"):
+        pool.run(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="no residual"):
+        pool.run(np.zeros((1, 1, 4, 4), np.uint8), np.zeros((1, 1, 2, 2), np.uint8))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pruned weights keep their structure; bad inputs are refused; SIMD selection
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from onnx import helper
 
 from onnxsparse import model as model_io
 from onnxsparse.runtime import hosting
-from onnxsparse.runtime.steps import FLOAT_OPS, INTEGER_OPS, Chain, Unsupported, float_chain, integer_chain
+from onnxsparse.runtime.steps import (FLOAT_OPS, INTEGER_OPS, POOL_OPS, Chain, Unsupported, float_chain,
+                                      integer_chain, pool_chain)
 
 
 @dataclass
@@ -91,6 +92,20 @@ def partition(model: onnx.ModelProto, sparse_nodes: set[str], native,
             continue
         taken.update(chain.node_indices)
         chains[chain.anchor] = chain
+    # poolings fed by a chain join it: no boundary crossing, and the native pool is the faster one
+    produced = {chain.output: chain for chain in chains.values()}
+    for index, node in enumerate(model.graph.node):
+        source = produced.get(node.input[0]) if node.input else None
+        if (node.op_type not in POOL_OPS or node.domain or index in taken or source is None
+                or rank_of(node.input[0]) != 4):
+            continue
+        try:
+            chain = pool_chain(native, lookups, index, source.output_type)
+        except Unsupported:
+            continue
+        taken.add(index)
+        chains[index] = chain
+        produced[chain.output] = chain
 
     regions: list[Region] = []
     region_of_tensor: dict[str, int] = {}  # outputs of chains

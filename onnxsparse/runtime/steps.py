@@ -21,6 +21,7 @@ from onnxsparse import model as model_io
 from onnxsparse.quant.arithmetic import add_rescale, requantize_multiplier
 
 FLOAT_OPS = ("Conv", "Gemm", "MatMul")
+POOL_OPS = ("MaxPool",)  # run natively when a native chain feeds them (no boundary between)
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul")
 MICROSOFT = "com.microsoft"
 
@@ -186,6 +187,29 @@ def float_chain(native, lookups: model_io.GraphIndex, index: int, rank_of, taken
                             clamp_min=low, clamp_max=high, **geometry)
     return Chain(tuple(nodes), node.input[0], residual, output, np.dtype(np.float32), np.dtype(np.float32),
                  kernel, matrix, _names(lookups, nodes))
+
+
+def pool_chain(native, lookups: model_io.GraphIndex, index: int, input_type: np.dtype) -> Chain:
+    """A MaxPool on the output of a native chain: exact (a maximum), in any of the element types.
+    onnxruntime's uint8 MaxPool takes 3.5 ms on ResNet-50's 64x112x112 here, the native one 1 ms."""
+    node = lookups.graph.node[index]
+    attrs = _attrs(node)
+    if len(node.output) > 1 and node.output[1]:
+        raise Unsupported("MaxPool's Indices output is left to onnxruntime")
+    if attrs.get("ceil_mode", 0):
+        raise Unsupported("ceil_mode=1 is left to onnxruntime")
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise Unsupported(f"auto_pad={attrs['auto_pad']} is left to onnxruntime")
+    kernel = list(attrs.get("kernel_shape", []))
+    if len(kernel) != 2:
+        raise Unsupported("only 2-D pooling runs natively")
+    pads = list(attrs.get("pads", [0] * 4)) if attrs.get("auto_pad", "NOTSET") == "NOTSET" else [0] * 4
+    try:
+        pool = native.MaxPool(kernel, list(attrs.get("strides", [1, 1])), pads, list(attrs.get("dilations", [1, 1])))
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from exc
+    return Chain((index,), node.input[0], None, node.output[0], input_type, input_type, pool, False,
+                 _names(lookups, [index]))
 
 
 def _scalar(value: np.ndarray, what: str) -> np.ndarray:

@@ -51,13 +51,9 @@ std::vector<int64_t> checked_ints(const std::vector<int64_t>& values, size_t cou
     return values;
 }
 
-ConvAttrs make_attrs(const py::array& weight, const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
-                     const std::vector<int64_t>& dilations, int64_t groups) {
-    ConvAttrs attrs;
-    attrs.out_channels = weight.shape(0);
-    attrs.channels_per_group = weight.shape(1);
-    attrs.kernel_h = weight.shape(2);
-    attrs.kernel_w = weight.shape(3);
+// attrs' kernel size and channels set by the caller; strides, pads and dilations checked here.
+ConvAttrs with_window(ConvAttrs attrs, const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
+                      const std::vector<int64_t>& dilations) {
     const auto s = checked_ints(strides, 2, "strides"), p = checked_ints(pads, 4, "pads (top, left, bottom, right)"),
                d = checked_ints(dilations, 2, "dilations");
     attrs.stride_h = s[0];
@@ -68,9 +64,19 @@ ConvAttrs make_attrs(const py::array& weight, const std::vector<int64_t>& stride
     attrs.pad_right = p[3];
     attrs.dilation_h = d[0];
     attrs.dilation_w = d[1];
-    attrs.groups = groups;
     attrs.validate();
     return attrs;
+}
+
+ConvAttrs make_attrs(const py::array& weight, const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
+                     const std::vector<int64_t>& dilations, int64_t groups) {
+    ConvAttrs attrs;
+    attrs.out_channels = weight.shape(0);
+    attrs.channels_per_group = weight.shape(1);
+    attrs.kernel_h = weight.shape(2);
+    attrs.kernel_w = weight.shape(3);
+    attrs.groups = groups;
+    return with_window(attrs, strides, pads, dilations);
 }
 
 // Checks x against the conv and returns the output shape [N, O, Ho, Wo].
@@ -222,21 +228,12 @@ class PyMaxPool {
   public:
     PyMaxPool(const std::vector<int64_t>& kernel_shape, const std::vector<int64_t>& strides,
               const std::vector<int64_t>& pads, const std::vector<int64_t>& dilations) {
-        const auto k = checked_ints(kernel_shape, 2, "kernel_shape"), s = checked_ints(strides, 2, "strides"),
-                   p = checked_ints(pads, 4, "pads (top, left, bottom, right)"),
-                   d = checked_ints(dilations, 2, "dilations");
-        ConvAttrs attrs;
-        attrs.out_channels = attrs.channels_per_group = attrs.groups = 1;
-        attrs.kernel_h = k[0];
-        attrs.kernel_w = k[1];
-        attrs.stride_h = s[0];
-        attrs.stride_w = s[1];
-        attrs.pad_top = p[0];
-        attrs.pad_left = p[1];
-        attrs.pad_bottom = p[2];
-        attrs.pad_right = p[3];
-        attrs.dilation_h = d[0];
-        attrs.dilation_w = d[1];
+        const auto k = checked_ints(kernel_shape, 2, "kernel_shape");
+        ConvAttrs window;
+        window.out_channels = window.channels_per_group = window.groups = 1;
+        window.kernel_h = k[0];
+        window.kernel_w = k[1];
+        const ConvAttrs attrs = with_window(window, strides, pads, dilations);
         kernel_ = std::make_unique<MaxPoolKernel>(attrs);
     }
 

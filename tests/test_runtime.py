@@ -178,6 +178,33 @@ def test_pack_auto_records_measured_choices_per_layer_and_for_the_whole_model(di
     assert set(session.plan.sparse_layers) == {name for name, c in choices.items() if c["kernel"] == "sparse"}
 
 
+def test_the_cost_model_measures_integer_layers_past_a_residual_add():
+    # onnx's type inference stops at com.microsoft operators; every layer after the first
+    # QLinearAdd was kept dense unmeasured ("input shape unknown") until the types went on past it
+    from test_reference import MS, GraphBuilder, add_conv
+
+    from onnxsparse.runtime.costmodel import KernelChooser
+
+    g, rng = GraphBuilder(), np.random.default_rng(3)
+    q = g.node("QuantizeLinear", [g.input("x", np.float32, [1, 32, 12, 12]),
+                                  *g.quant_params("input", 0.04, 0, np.uint8)], "q")
+    a, a_scale, a_zero_point = add_conv(g, q, 0.04, 0, np.uint8, 32, 32, (1, 1), rng, output="conv1")
+    total = g.node("QLinearAdd", [a, *g.quant_params("add_a", a_scale, a_zero_point, np.uint8),
+                                  q, *g.quant_params("add_q", 0.04, 0, np.uint8),
+                                  *g.quant_params("sum", 0.08, 0, np.uint8)], "sum", domain=MS)
+    pooled = g.node("MaxPool", [total], "pooled", kernel_shape=[2, 2], strides=[2, 2])
+    b, *_ = add_conv(g, pooled, 0.08, 0, np.uint8, 32, 32, (3, 3), rng, output="conv2", pads=[1, 1, 1, 1])
+    model = g.model(b)
+    weight = next(init for init in model.graph.initializer if init.name == "conv2_w")
+    pruned = onnx.numpy_helper.to_array(weight).copy()
+    pruned[:, ::2] = 0
+    weight.CopyFrom(onnx.numpy_helper.from_array(pruned, "conv2_w"))
+    chooser = KernelChooser(model)
+    assert chooser.types["sum"] == chooser.types["pooled"] == onnx.TensorProto.UINT8
+    choice = chooser.choose(model.graph.node[-1])
+    assert choice.sparse_ms is not None and choice.dense_ms is not None, choice.reason
+
+
 def test_run_command_runs_a_packed_model(digits_model, digits_test, tmp_path, capsys):
     model = onnxsparse.prune(digits_model, "1x16", 0.75)
     target, inputs, outputs = tmp_path / "packed.onnx", tmp_path / "x.npy", tmp_path / "y.npz"

@@ -10,11 +10,11 @@ MaxPoolKernel::MaxPoolKernel(const ConvAttrs& attrs) : attrs_(attrs) {
     const int64_t extent_w = (attrs_.kernel_w - 1) * attrs_.dilation_w + 1;
     if (attrs_.pad_top >= extent_h || attrs_.pad_bottom >= extent_h || attrs_.pad_left >= extent_w ||
         attrs_.pad_right >= extent_w)
-        throw ConvError("every pad must be smaller than the pooling window (a window of padding only has no maximum)");
+        throw ConvError("every pad must be smaller than the pooling window");
 }
 
-// Per plane: every input row is copied into a row padded with the type's lowest value (every
-// window holds an input pixel, so padding never wins), its window maxima are taken at the output
+// Per plane: every input row is copied into a row padded with the type's lowest value (padding
+// never wins over an input pixel), its window maxima are taken at the output
 // columns (`rows`, [in_h, Wo]), then every output row is the maximum of its window's rows there.
 template <typename T>
 void MaxPoolKernel::run(const T* x, int64_t batch, int64_t channels, int64_t in_h, int64_t in_w, T* y) const {
@@ -60,6 +60,9 @@ void MaxPoolKernel::run(const T* x, int64_t batch, int64_t channels, int64_t in_
                     for (int64_t ow = 0; ow < out_w; ++ow) out[ow] = std::max(out[ow], row[ow]);
                 first = false;
             }
+            // dilated taps may all fall in the padding (kernel 2, dilation 3, one input row): as
+            // onnxruntime, the maximum over no pixel is the type's lowest value
+            if (first) std::fill(out, out + out_w, lowest);
         }
     });
 }

@@ -8,7 +8,8 @@ namespace onnxsparse {
 class MaxPoolKernel {
   public:
     // kernel, strides, dilations: (h, w); pads: (top, left, bottom, right). Each pad must be smaller
-    // than the window's extent, so that every window holds at least one input pixel.
+    // than the window's extent (onnxruntime wants it smaller than the kernel). A window whose
+    // dilated taps all fall in the padding gives the type's lowest value, as in onnxruntime.
     MaxPoolKernel(const ConvAttrs& attrs);
     // x [N, C, H, W] -> y [N, C, Ho, Wo] (output_size of the attrs).
     template <typename T>

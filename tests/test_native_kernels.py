@@ -460,6 +460,14 @@ def test_max_pool_equals_onnxruntime(data):
     assert got.dtype == x.dtype and pool.output_shape(list(shape)) == got.shape
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int8])
+def test_max_pool_windows_whose_taps_are_all_padding(dtype):
+    # kernel 2 with dilation 3 over 2 rows padded by 1: the output row's taps are rows -1 and 2
+    x = np.arange(2 * 5, dtype=np.float32).reshape(1, 1, 2, 5).astype(dtype)
+    pool = _native.MaxPool([2, 2], [1, 1], [1, 1, 1, 1], [3, 3])
+    np.testing.assert_array_equal(pool.run(x), ort_max_pool(x, (2, 2), (1, 1), (1, 1, 1, 1), (3, 3)))
+
+
 def test_max_pool_refuses_bad_arguments():
     with pytest.raises(ValueError, match="smaller than the pooling window"):
         _native.MaxPool([3, 3], [2, 2], [3, 0, 0, 0], [1, 1])

@@ -106,25 +106,30 @@ def test_layers_chosen_dense_stay_in_onnxruntime(digits_model, digits_test):
 def test_chains_that_feed_each_other_share_one_region(digits_model):
     session = InferenceSession(packed(onnxsparse.prune(digits_model, "1x16", 0.75)))
     regions = session.plan.partition.regions
-    # conv1..conv4 (with their ReLUs), the max pool they feed and conv5 are one region; the global
-    # pooling and flatten (onnxruntime) split it from the FCs
-    assert [len(region.chains) for region in regions] == [6, 2]
-    assert [chain.node_names for chain in regions[0].chains][4] == ("/pool/MaxPool",)
+    # conv1..conv4 (with their ReLUs) are one chain of layers; a float pooling (onnxruntime's is
+    # the faster one) splits it from conv5; flatten from the FCs
+    assert [len(region.chains) for region in regions] == [4, 1, 2]
     custom = [n for n in session.plan.model.graph.node if n.domain == hosting.DOMAIN]
-    assert len(custom) == 2 and not any(n.op_type in ("Conv", "Relu", "Gemm", "MaxPool")
-                                        for n in session.plan.model.graph.node)
+    assert len(custom) == 3 and not any(n.op_type in ("Conv", "Relu", "Gemm") for n in session.plan.model.graph.node)
 
 
-def test_a_max_pool_the_kernel_cannot_take_stays_in_onnxruntime(digits_model, digits_test):
-    model = onnxsparse.prune(digits_model, "1x16", 0.75)
+def test_an_integer_max_pool_joins_the_region_unless_the_kernel_cannot_take_it(digits_integer, digits_test):
+    feeds = {"input": digits_test.inputs[:6]}
+    session = InferenceSession(packed(digits_integer), threads=2)
+    names = [chain.node_names for region in session.plan.partition.regions for chain in region.chains]
+    assert any(node.op_type == "MaxPool" for node in digits_integer.graph.node)
+    assert not any(node.op_type == "MaxPool" for node in session.plan.model.graph.node), names
+    expected = run_reference(digits_integer, feeds)[0]
+    np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
+    model = onnx.ModelProto()
+    model.CopyFrom(digits_integer)
     pool = next(node for node in model.graph.node if node.op_type == "MaxPool")
     kept = [a for a in pool.attribute if a.name != "ceil_mode"]
     del pool.attribute[:]
     pool.attribute.extend([*kept, onnx.helper.make_attribute("ceil_mode", 1)])
     session = InferenceSession(packed(model), threads=2)
     assert any(node.op_type == "MaxPool" for node in session.plan.model.graph.node)
-    feeds = {"input": digits_test.inputs[:4]}
-    assert_close(session.run(None, feeds)[0], ort_outputs(model, feeds)[0])
+    np.testing.assert_array_equal(session.run(None, feeds)[0], expected)  # even sizes: ceil_mode changes nothing
 
 
 def test_a_plain_model_runs_in_plain_onnxruntime(digits_model, digits_test):

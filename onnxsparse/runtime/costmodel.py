@@ -212,8 +212,8 @@ def choose_for_model(packed: onnx.ModelProto, threads: int = 2, rounds: int = 15
     measured per layer, every layer that has a native kernel sparse, and all dense (plain
     onnxruntime) — and the one with the largest speed-up over all dense (the median over rounds of
     each round's ratio, as bench reports) is kept if it beats all dense by the same margin as a
-    layer must and wins at least three rounds in four. All dense being the default is what keeps a packed model from running slower
-    than dense onnxruntime."""
+    layer must and wins at least three rounds in four. All dense being the default is what keeps
+    a packed model from running slower than dense onnxruntime."""
     from onnxsparse.runner import random_inputs, runtime_session
 
     variants = {

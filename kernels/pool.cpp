@@ -31,7 +31,8 @@ void MaxPoolKernel::run(const T* x, int64_t batch, int64_t channels, int64_t in_
     parallel_for(batch * channels, num_threads(), [=](int64_t plane, int) {  // by value: see above
         const T* __restrict src = x + plane * in_h * in_w;
         T* __restrict dst = y + plane * out_h * out_w;
-        std::vector<T> row_buffer(static_cast<size_t>(in_h * out_w)), padded_buffer(static_cast<size_t>(padded_w), lowest);
+        std::vector<T> row_buffer(static_cast<size_t>(in_h * out_w));
+        std::vector<T> padded_buffer(static_cast<size_t>(padded_w), lowest);
         std::vector<T> maxima_buffer(static_cast<size_t>(span));
         T* __restrict rows = row_buffer.data();
         T* __restrict padded = padded_buffer.data();

@@ -96,19 +96,25 @@ def _single_consumer(lookups: model_io.GraphIndex, tensor: str, taken: set[int])
     return consumers[0]
 
 
+def _window(attrs: dict) -> dict:
+    """strides, pads and dilations of a 2-D Conv or pooling node (auto_pad NOTSET or VALID)."""
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise Unsupported(f"auto_pad={auto_pad} is left to onnxruntime")
+    pads = tuple(attrs.get("pads", (0, 0, 0, 0))) if auto_pad == "NOTSET" else (0, 0, 0, 0)
+    return dict(strides=tuple(attrs.get("strides", (1, 1))), pads=(pads[0], pads[1], pads[2], pads[3]),
+                dilations=tuple(attrs.get("dilations", (1, 1))))
+
+
 def _conv_geometry(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> dict:
     attrs = _attrs(node)
     if len(weight_shape) != 4:
         raise Unsupported(f"only 2-D convolutions run natively (weight rank {len(weight_shape)})")
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID"):
-        raise Unsupported(f"auto_pad={auto_pad} is left to onnxruntime")
+    window = _window(attrs)
     kernel = tuple(attrs.get("kernel_shape", weight_shape[2:]))
     if kernel != tuple(weight_shape[2:]):
         raise Unsupported(f"kernel_shape {list(kernel)} differs from the weight's {list(weight_shape[2:])}")
-    pads = tuple(attrs.get("pads", (0, 0, 0, 0))) if auto_pad == "NOTSET" else (0, 0, 0, 0)
-    return dict(strides=tuple(attrs.get("strides", (1, 1))), pads=(pads[0], pads[1], pads[2], pads[3]),
-                dilations=tuple(attrs.get("dilations", (1, 1))), groups=int(attrs.get("group", 1)))
+    return dict(**window, groups=int(attrs.get("group", 1)))
 
 
 def _matrix_geometry() -> dict:
@@ -198,14 +204,11 @@ def pool_chain(native, lookups: model_io.GraphIndex, index: int, input_type: np.
         raise Unsupported("MaxPool's Indices output is left to onnxruntime")
     if attrs.get("ceil_mode", 0):
         raise Unsupported("ceil_mode=1 is left to onnxruntime")
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise Unsupported(f"auto_pad={attrs['auto_pad']} is left to onnxruntime")
     kernel = list(attrs.get("kernel_shape", []))
     if len(kernel) != 2:
         raise Unsupported("only 2-D pooling runs natively")
-    pads = list(attrs.get("pads", [0] * 4)) if attrs.get("auto_pad", "NOTSET") == "NOTSET" else [0] * 4
     try:
-        pool = native.MaxPool(kernel, list(attrs.get("strides", [1, 1])), pads, list(attrs.get("dilations", [1, 1])))
+        pool = native.MaxPool(kernel, **_window(attrs))
     except ValueError as exc:
         raise Unsupported(str(exc)) from exc
     return Chain((index,), node.input[0], None, node.output[0], input_type, input_type, pool, False,

@@ -7,6 +7,8 @@ interleaved (every variant once per round), so machine noise hits all of them al
 each shape by how many of the 53 convs have it.
 
     .venv/bin/python benchmarks/kernel_layers.py [--quick] [--json results.json]
+    .venv/bin/python benchmarks/kernel_layers.py --pool   # ResNet-50's MaxPool in float32, uint8, int8
+    .venv/bin/python benchmarks/kernel_layers.py --fc     # ResNet-50's FC (2048 -> 1000), batch 1
 """
 
 from __future__ import annotations
@@ -133,6 +135,43 @@ def layer_variants(shape: ConvShape, rng: np.random.Generator):
     return variants
 
 
+POOL_ELEMENT_TYPES = {"float32": TensorProto.FLOAT, "uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
+
+
+def pool_variants(rng: np.random.Generator):
+    """ResNet-50's MaxPool (3x3, stride 2, pads 1 on 64x112x112) in onnxruntime and natively, per type."""
+    attrs = dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    native = _native.MaxPool([3, 3], [2, 2], [1, 1, 1, 1], [1, 1])
+    variants = {}
+    for name, element in POOL_ELEMENT_TYPES.items():
+        dtype = np.dtype(name)
+        if dtype.kind == "f":
+            x = rng.standard_normal((1, 64, 112, 112)).astype(dtype)
+        else:
+            x = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max + 1, (1, 64, 112, 112)).astype(dtype)
+        session = ort_session([helper.make_node("MaxPool", ["x"], ["y"], **attrs)], {}, element)
+        np.testing.assert_array_equal(native.run(x), session.run(None, {"x": x})[0])
+        variants[f"ort_{name}"] = lambda session=session, x=x: session.run(None, {"x": x})
+        variants[f"native_{name}"] = lambda x=x: native.run(x)
+    return variants
+
+
+def fc_variants(rng: np.random.Generator):
+    """ResNet-50's FC (Gemm 2048 -> 1000, batch 1): onnxruntime dense, native at 1x8 sparsities."""
+    weight = (rng.standard_normal((1000, 2048)) * np.sqrt(1 / 2048)).astype(np.float32)
+    bias = rng.standard_normal(1000).astype(np.float32) * 0.1
+    x = rng.standard_normal((1, 2048)).astype(np.float32)
+    session = ort_session([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], {"w": weight, "b": bias},
+                          TensorProto.FLOAT)
+    variants = {"ort_f32": lambda: session.run(None, {"x": x})}
+    for sparsity in SPARSITIES:
+        units = rng.random((1000 // 8, 2048)) >= sparsity
+        pruned = (weight * np.repeat(units, 8, axis=0)).reshape(1000, 2048, 1, 1)
+        native = _native.ConvF32(pruned, bias, strides=(1, 1), pads=(0,) * 4, dilations=(1, 1), groups=1)
+        variants[f"f32_{sparsity:.0%}"] = lambda native=native: native.run(x.reshape(1, 2048, 1, 1))
+    return variants
+
+
 def median_latencies_ms(variants: dict, rounds: int, sample_seconds: float) -> dict[str, float]:
     """Interleaved rounds; each sample averages enough calls to last about sample_seconds."""
     calls = {}
@@ -174,10 +213,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter samples")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--pool", action="store_true", help="time ResNet-50's MaxPool instead of the convs")
+    parser.add_argument("--fc", action="store_true", help="time ResNet-50's FC layer instead of the convs")
     args = parser.parse_args()
     rounds, sample_seconds = (3, 0.01) if args.quick else (9, 0.03)
     _native.set_num_threads(THREADS)
     rng = np.random.default_rng(0)
+    if args.pool:
+        latency = median_latencies_ms(pool_variants(rng), rounds, sample_seconds)
+        print(f"MaxPool 3x3/s2 pads 1 on 64x112x112, batch 1, {THREADS} threads, native SIMD path: "
+              f"{_native.simd_level()}; median ms")
+        for name in POOL_ELEMENT_TYPES:
+            ours, theirs = latency[f"native_{name}"], latency[f"ort_{name}"]
+            print(f"{name:<8} onnxruntime {theirs:7.3f}  native {ours:7.3f}  {theirs / ours:6.2f}x")
+        return
+    if args.fc:
+        latency = median_latencies_ms(fc_variants(rng), rounds, sample_seconds)
+        print(f"FC 2048 -> 1000 (Gemm), batch 1, {THREADS} threads, 1x8 blocks; median ms")
+        for name, value in latency.items():
+            print(f"{name:<8} {value:7.3f}  {latency['ort_f32'] / value:6.2f}x")
+        return
     results = []
     for shape, count in resnet50_conv_shapes().items():
         latency = median_latencies_ms(layer_variants(shape, rng), rounds, sample_seconds)

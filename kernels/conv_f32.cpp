@@ -44,6 +44,17 @@ void epilogue_scalar(const float* acc, float* y, const float* residual, float bi
     }
 }
 
+// One output pixel (a Gemm row): out[r] = sum over terms of x[channel] * w[t * S + r], r < S.
+template <int S>
+void pixel_scalar(const float* x, const int64_t* channels, int64_t terms, const float* weights, float* out) {
+    float acc[S] = {};
+    for (int64_t t = 0; t < terms; ++t) {
+        const float v = x[channels[t]];
+        for (int r = 0; r < S; ++r) acc[r] += v * weights[t * S + r];
+    }
+    for (int r = 0; r < S; ++r) out[r] = acc[r];
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
@@ -121,7 +132,32 @@ void epilogue_avx2(const float* acc, float* y, const float* residual, float bias
     epilogue_scalar(acc + i, y + i, residual ? residual + i : nullptr, bias, low, high, length - i);
 }
 
+// Vectorized over the block's rows (8 per ymm), two terms at a time into separate accumulators.
+template <int S>
+void pixel_avx2(const float* x, const int64_t* channels, int64_t terms, const float* weights, float* out) {
+    static_assert(S == 8 || S == 16, "rows per block");
+    constexpr int V = S / 8;
+    __m256 a[V], b[V];
+    for (int v = 0; v < V; ++v) a[v] = b[v] = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 2 <= terms; t += 2) {
+        const __m256 xa = _mm256_broadcast_ss(x + channels[t]), xb = _mm256_broadcast_ss(x + channels[t + 1]);
+        const float* w = weights + t * S;
+        for (int v = 0; v < V; ++v) {
+            a[v] = _mm256_fmadd_ps(xa, _mm256_loadu_ps(w + 8 * v), a[v]);
+            b[v] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + S + 8 * v), b[v]);
+        }
+    }
+    if (t < terms) {
+        const __m256 xa = _mm256_broadcast_ss(x + channels[t]);
+        for (int v = 0; v < V; ++v) a[v] = _mm256_fmadd_ps(xa, _mm256_loadu_ps(weights + t * S + 8 * v), a[v]);
+    }
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(a[v], b[v]));
+}
+
 #pragma GCC pop_options
+
+using PixelFn = void (*)(const float*, const int64_t*, int64_t, const float*, float*);
 
 using ChunkFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, float*, int64_t, bool);
 using EpilogueFn = void (*)(const float*, float*, const float*, float, float, float, int64_t);
@@ -145,6 +181,8 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
                         float* y) const {
     const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunk, true);
     if (batch == 0) return;
+    if (in_h == 1 && in_w == 1 && attrs_.kernel_positions() == 1 && geo.out_h == 1 && geo.out_w == 1)
+        return run_pixel(x, batch, residual, y);
     std::unique_lock<std::mutex> cache_lock(cache_mutex_, std::try_to_lock);
     RunCache<float, float> local;
     RunCache<float, float>& cache = cache_lock.owns_lock() ? cache_ : local;
@@ -214,6 +252,36 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
                 epilogue(acc + (wide - q0), y_plane + out, residual_plane ? residual_plane + out : nullptr, bias_[o],
                          clamp_min_, clamp_max_, length);
             });
+        }
+    });
+}
+
+// One output pixel per image (a Gemm or MatMul row, a 1x1 conv on a 1x1 input): the pixel-
+// vectorized kernels would compute 8 pixels for 1, so the block's rows are vectorized instead.
+// The input is read in place (a term's code is its input channel).
+void ConvF32Kernel::run_pixel(const float* x, int64_t batch, const float* residual, float* y) const {
+    const bool avx2 = simd_level() == SimdLevel::avx2;
+    const int64_t blocks = static_cast<int64_t>(encoding_.blocks.size()), channels = attrs_.in_channels();
+    parallel_for(batch * blocks, num_threads(), [&](int64_t item, int) {
+        const int64_t n = item / blocks;
+        const Block& block = encoding_.blocks[item % blocks];
+        const float* x_group = x + n * channels + block.group * attrs_.channels_per_group;
+        const int64_t* terms = encoding_.terms.data() + block.term_begin;
+        const int64_t count = block.term_end - block.term_begin;
+        const float* weights = weights_.data() + block.weight_begin;
+        float acc[16];
+        switch (block.stride) {
+            case 16: (avx2 ? pixel_avx2<16> : pixel_scalar<16>)(x_group, terms, count, weights, acc); break;
+            case 8: (avx2 ? pixel_avx2<8> : pixel_scalar<8>)(x_group, terms, count, weights, acc); break;
+            case 4: pixel_scalar<4>(x_group, terms, count, weights, acc); break;
+            default: pixel_scalar<1>(x_group, terms, count, weights, acc); break;  // 1: CSR rows
+        }
+        for (int64_t row = 0; row < block.rows; ++row) {
+            const int64_t o = n * attrs_.out_channels + block.out0 + row;
+            float v = acc[row] + bias_[block.out0 + row];
+            if (residual) v += residual[o];
+            v = v < clamp_min_ ? clamp_min_ : v;
+            y[o] = v > clamp_max_ ? clamp_max_ : v;
         }
     });
 }

@@ -18,6 +18,8 @@ class ConvF32Kernel {
     const Encoding& encoding() const { return encoding_; }
 
   private:
+    void run_pixel(const float* x, int64_t batch, const float* residual, float* y) const;
+
     ConvAttrs attrs_;
     Encoding encoding_;
     std::vector<float> weights_, bias_;
@@ -50,6 +52,9 @@ class ConvQ8Kernel {
   private:
     template <typename XT, typename YT>
     void run_typed(const XT* x, int64_t batch, int64_t in_h, int64_t in_w, const YT* residual, YT* y) const;
+    // One output pixel per image (Gemm rows): vectorized over a block's rows.
+    template <typename XT, typename YT>
+    void run_pixel(const XT* x, int64_t batch, const YT* residual, YT* y) const;
     // The AVX2 unsigned-activation path (vpmaddubsw; kernels/README.md has the saturation proof).
     template <typename XT, typename YT>
     void run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w, const YT* residual, YT* y) const;

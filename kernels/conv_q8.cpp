@@ -71,6 +71,22 @@ void epilogue_scalar(const int32_t* acc, YT* y, const YT* residual, const Requan
     }
 }
 
+// One output pixel (a Gemm row): acc[r] = sum over term pairs (a, b) of (x_a - x_zp) * w_a[r] +
+// (x_b - x_zp) * w_b[r], r < stride; a term's code is its input channel.
+template <typename XT>
+void pixel_scalar(const XT* x, int64_t zero_point, const int64_t* terms, int64_t pairs, const int32_t* weights,
+                  int64_t stride, int32_t* acc) {
+    for (int64_t r = 0; r < stride; ++r) acc[r] = 0;
+    for (int64_t p = 0; p < pairs; ++p) {
+        const int32_t a = static_cast<int32_t>(x[terms[2 * p]] - zero_point);
+        const int32_t b = static_cast<int32_t>(x[terms[2 * p + 1]] - zero_point);
+        for (int64_t r = 0; r < stride; ++r) {
+            const int32_t w = weights[p * stride + r];
+            acc[r] += a * static_cast<int16_t>(w & 0xFFFF) + b * static_cast<int16_t>(static_cast<uint32_t>(w) >> 16);
+        }
+    }
+}
+
 template <int R>
 void chunk_scalar(const int16_t* x, const int64_t* offsets, int64_t pairs, const int32_t* weights, int64_t stride,
                   int32_t* out, int64_t out_stride) {
@@ -401,6 +417,26 @@ void epilogue_avx2(const int32_t* acc, YT* y, const YT* residual, const Requant&
     }
 }
 
+// pixel_scalar for blocks of 8 or 16 rows: the pair (x_a, x_b) broadcast as int16s, one vpmaddwd
+// per 8 rows gives x_a * w_a + x_b * w_b exactly.
+template <typename XT>
+void pixel_avx2(const XT* x, int64_t zero_point, const int64_t* terms, int64_t pairs, const int32_t* weights,
+                int64_t stride, int32_t* acc) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+    for (int64_t p = 0; p < pairs; ++p) {
+        const uint32_t xa = static_cast<uint16_t>(static_cast<int16_t>(x[terms[2 * p]] - zero_point));
+        const uint32_t xb = static_cast<uint16_t>(static_cast<int16_t>(x[terms[2 * p + 1]] - zero_point));
+        const __m256i pair = _mm256_set1_epi32(static_cast<int32_t>(xa | (xb << 16)));
+        const int32_t* w = weights + p * stride;
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), pair));
+        if (stride == 16)
+            a1 = _mm256_add_epi32(a1,
+                                  _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8)), pair));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc), a0);
+    if (stride == 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + 8), a1);
+}
+
 #pragma GCC pop_options
 
 using ChunkFn = void (*)(const int16_t*, const int64_t*, int64_t, const int32_t*, int64_t, int32_t*, int64_t);
@@ -668,8 +704,39 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
     });
 }
 
+// One output pixel per image (a Gemm or MatMul row, a 1x1 conv on a 1x1 input): the pixel-
+// vectorized kernels would compute 32 pixels for 1, so the block's rows are vectorized instead.
+template <typename XT, typename YT>
+void ConvQ8Kernel::run_pixel(const XT* x, int64_t batch, const YT* residual, YT* y) const {
+    const bool avx2 = simd_level() == SimdLevel::avx2;
+    const int64_t blocks = static_cast<int64_t>(encoding_.blocks.size()), channels = attrs_.in_channels();
+    const ResidualAdd* add = has_add_ ? &add_ : nullptr;
+    parallel_for(batch * blocks, num_threads(), [&](int64_t item, int) {
+        const int64_t n = item / blocks;
+        const Block& block = encoding_.blocks[item % blocks];
+        const XT* x_group = x + n * channels + block.group * attrs_.channels_per_group;
+        const int64_t* terms = encoding_.terms.data() + block.term_begin;
+        const int64_t pairs = (block.term_end - block.term_begin) / 2;
+        const int32_t* weights = weight_pairs_.data() + block.weight_begin;
+        int32_t acc[16];
+        if (avx2 && (block.stride == 8 || block.stride == 16))
+            pixel_avx2(x_group, x_zero_point_, terms, pairs, weights, block.stride, acc);
+        else
+            pixel_scalar(x_group, x_zero_point_, terms, pairs, weights, block.stride, acc);
+        for (int64_t row = 0; row < block.rows; ++row) {
+            const int64_t o = block.out0 + row, at = n * attrs_.out_channels + o;
+            const Requant requant{bias_[o], multiplier_[o], shift_[o], y_zero_point_, type_low(y_signed_),
+                                  type_high(y_signed_), real_multiplier_[o], add, false};
+            epilogue_scalar<YT>(acc + row, y + at, residual ? residual + at : nullptr, requant, 1);
+        }
+    });
+}
+
 template <typename XT, typename YT>
 void ConvQ8Kernel::run_typed(const XT* x, int64_t batch, int64_t in_h, int64_t in_w, const YT* residual, YT* y) const {
+    const bool one_pixel = in_h == 1 && in_w == 1 && attrs_.kernel_positions() == 1 && attrs_.pad_top == 0 &&
+                           attrs_.pad_left == 0 && attrs_.pad_bottom == 0 && attrs_.pad_right == 0;
+    if (one_pixel && batch > 0) return run_pixel(x, batch, residual, y);
     if (u8_ok_ && simd_level() == SimdLevel::avx2) return run_u8(x, batch, in_h, in_w, residual, y);
     const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunk, false);
     if (batch == 0) return;

@@ -78,10 +78,16 @@ CASES = [
     Case("3x1_unpadded_unstructured", 1, 8, 30, 10, 16, (3, 1), pattern="unstructured"),
     Case("7x7_stride2_stem", 1, 3, 20, 20, 16, (7, 7), strides=(2, 2), pads=(3, 3, 3, 3)),
     Case("5x5_stride3_1x16", 3, 8, 17, 16, 16, (5, 5), strides=(3, 3), pads=(2, 0, 1, 2), pattern="1x16"),
+    # one output pixel (Gemm rows): the kernels vectorize over a block's rows instead of pixels
+    Case("gemm_rows_1x16", 3, 64, 1, 1, 48, (1, 1), pattern="1x16"),
+    Case("gemm_rows_1x8", 2, 50, 1, 1, 24, (1, 1), pattern="1x8"),
+    Case("gemm_rows_dense_partial_block", 1, 33, 1, 1, 20, (1, 1)),
+    Case("gemm_rows_unstructured", 2, 40, 1, 1, 12, (1, 1), pattern="unstructured"),
+    Case("gemm_rows_1x4_groups2", 2, 16, 1, 1, 8, (1, 1), groups=2, pattern="1x4"),
 ]
 
-EXPECTED_ENCODING = {"dense": "dense", "1x16": "block16", "1x4": "block4", "unstructured": "csr", "2:4": "csr",
-                     "bank": "csr"}
+EXPECTED_ENCODING = {"dense": "dense", "1x16": "block16", "1x8": "block8", "1x4": "block4", "unstructured": "csr",
+                     "2:4": "csr", "bank": "csr"}
 
 
 def pattern_mask(shape: tuple[int, ...], pattern: str, rng: np.random.Generator) -> np.ndarray:
@@ -91,7 +97,7 @@ def pattern_mask(shape: tuple[int, ...], pattern: str, rng: np.random.Generator)
         return np.ones(shape, bool)
     if pattern == "unstructured":
         return rng.random(shape) >= 0.7
-    if pattern in ("1x16", "1x4"):
+    if pattern in ("1x16", "1x8", "1x4"):
         block = int(pattern[2:])
         units = rng.random((out_channels // block, channels)) >= 0.75
         units[:, 0] |= ~units.any(axis=1)  # every block keeps at least one channel
@@ -437,7 +443,7 @@ def ort_max_pool(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(data=st.data())
 def test_max_pool_equals_onnxruntime(data):
     kernel = (data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)))
@@ -445,9 +451,11 @@ def test_max_pool_equals_onnxruntime(data):
     extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     pads = tuple(data.draw(st.integers(0, kernel[i % 2] - 1)) for i in range(4))  # onnxruntime: pad < kernel
     strides = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
-    height = data.draw(st.integers(max(1, extent[0] - pads[0] - pads[2]), 20))
-    width = data.draw(st.integers(max(1, extent[1] - pads[1] - pads[3]), 20))
+    height = data.draw(st.integers(max(1, extent[0] - pads[0] - pads[2]), 12))
+    # rows past 64 bytes reach the AVX2 path's full vectors for 8-bit types too
+    width = data.draw(st.integers(max(1, extent[1] - pads[1] - pads[3]), 90))
     dtype = data.draw(st.sampled_from([np.float32, np.uint8, np.int8]))
+    simd = data.draw(st.sampled_from([level for level in SIMD_LEVELS if level == "scalar" or _cpu_has_avx2()]))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5)), height, width)
     if dtype == np.float32:
@@ -455,9 +463,26 @@ def test_max_pool_equals_onnxruntime(data):
     else:
         x = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max + 1, shape).astype(dtype)
     pool = _native.MaxPool(kernel, strides, pads, dilations)
-    got = pool.run(x)
+    _native.set_simd_level(simd)
+    try:
+        got = pool.run(x)
+    finally:
+        _native.set_simd_level("auto")
     np.testing.assert_array_equal(got, ort_max_pool(x, kernel, strides, pads, dilations))
     assert got.dtype == x.dtype and pool.output_shape(list(shape)) == got.shape
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int8])
+@pytest.mark.parametrize("geometry", [((3, 3), (2, 2), (1, 1, 1, 1), 112), ((3, 3), (1, 1), (0, 1, 2, 1), 75),
+                                      ((2, 3), (2, 2), (0, 0, 1, 2), 67)])
+def test_max_pool_on_wide_rows_equals_onnxruntime(simd, dtype, geometry):
+    # rows wide enough for whole vectors of every type, stride 2 (the vectorized decimation) or 1
+    kernel, strides, pads, width = geometry
+    rng = np.random.default_rng(width)
+    info = np.finfo(dtype) if dtype == np.float32 else np.iinfo(dtype)
+    x = rng.uniform(max(info.min, -1e6), min(info.max, 1e6), (1, 3, 9, width)).astype(dtype)
+    got = _native.MaxPool(kernel, strides, pads, [1, 1]).run(x)
+    np.testing.assert_array_equal(got, ort_max_pool(x, kernel, strides, pads, (1, 1)))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int8])

@@ -197,7 +197,7 @@ def float_chain(native, lookups: model_io.GraphIndex, index: int, rank_of, taken
 
 def pool_chain(native, lookups: model_io.GraphIndex, index: int, input_type: np.dtype) -> Chain:
     """A MaxPool on the output of a native chain: exact (a maximum), in any of the element types.
-    onnxruntime's uint8 MaxPool takes 3.5 ms on ResNet-50's 64x112x112 here, the native one 1-2 ms."""
+    On ResNet-50's 64x112x112 here: uint8 3.7 ms in onnxruntime, 0.1 ms native; float32 0.27 and 0.19."""
     node = lookups.graph.node[index]
     attrs = _attrs(node)
     if len(node.output) > 1 and node.output[1]:

@@ -176,6 +176,41 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
     return shapes
 
 
+# onnx's inference has no com.microsoft operators: their output takes the element type of this
+# input (the output zero point), and the types they give let it go on past them
+_OUTPUT_ZERO_POINT = {"QLinearAdd": 7, "QLinearMul": 7, "QGemm": 8, "QLinearAveragePool": 4,
+                      "QLinearGlobalAveragePool": 4, "QLinearConcat": 1, "QLinearSigmoid": 4,
+                      "QLinearLeakyRelu": 4}
+
+
+def element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type (onnx.TensorProto code) of every tensor onnx can type, past com.microsoft
+    quantized operators too."""
+    typed = onnx.ModelProto()
+    typed.CopyFrom(model)
+    types: dict[str, int] = {}
+    for _ in range(len(model.graph.node) + 1):  # each pass types at least one more operator, or stops
+        graph = onnx.shape_inference.infer_shapes(typed).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]
+                 if v.type.tensor_type.elem_type}
+        types.update({init.name: init.data_type for init in graph.initializer})
+        found = {}
+        for node in model.graph.node:
+            position = _OUTPUT_ZERO_POINT.get(node.op_type) if node.domain == "com.microsoft" else None
+            if position is None or not node.output or node.output[0] in types:
+                continue
+            zero_point = node.input[position] if position < len(node.input) else ""
+            # QGemm without an output scale and zero point gives float
+            found[node.output[0]] = types.get(zero_point) if zero_point else onnx.TensorProto.FLOAT
+        found = {name: kind for name, kind in found.items() if kind}
+        if not found:
+            break
+        typed.graph.value_info.extend(helper.make_empty_tensor_value_info(name) for name in found)
+        for value in typed.graph.value_info[-len(found):]:
+            value.type.tensor_type.elem_type = found[value.name]
+    return types
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker on an in-memory model; past protobuf's 2 GB only what fits is checked (node
     and graph structure), since the checker cannot take such a message."""

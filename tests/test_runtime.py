@@ -133,6 +133,21 @@ def test_an_integer_max_pool_joins_the_region_unless_the_kernel_cannot_take_it(d
     np.testing.assert_array_equal(session.run(None, feeds)[0], expected)  # even sizes: ceil_mode changes nothing
 
 
+def test_an_integer_max_pool_fed_by_onnxruntime_runs_natively(digits_integer, digits_test):
+    feeds = {"input": digits_test.inputs[:6]}
+    nodes = digits_integer.graph.node
+    producer = {out: node for node in nodes for out in node.output}
+    feeder = producer[next(node for node in nodes if node.op_type == "MaxPool").input[0]]  # a residual add
+    conv = next(producer[name] for name in feeder.input if producer.get(name, feeder).op_type == "QLinearConv")
+    # the conv (and so its add) before the pool stays dense, in onnxruntime; the pool still leaves it
+    session = InferenceSession(packed(digits_integer, lambda node: (DENSE if node.name == conv.name else SPARSE)(node)))
+    left = [node.op_type for node in session.plan.model.graph.node]
+    assert feeder.op_type in left and "QLinearConv" in left and "MaxPool" not in left, left
+    np.testing.assert_array_equal(session.run(None, feeds)[0], run_reference(digits_integer, feeds)[0])
+    plain = InferenceSession(packed(digits_integer, DENSE))  # no native chain: plain onnxruntime
+    assert not plain.plan.partition.regions
+
+
 def test_a_plain_model_runs_in_plain_onnxruntime(digits_model, digits_test):
     session = InferenceSession(digits_model)
     assert not session.plan.partition.regions

@@ -63,39 +63,6 @@ def _layer_model(model: onnx.ModelProto, lookups: model_io.GraphIndex, node: onn
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=8)
 
 
-# onnx's inference has no com.microsoft operators: their output takes the element type of this
-# input (the output zero point), and the types they give let it go on past them
-_OUTPUT_ZERO_POINT = {"QLinearAdd": 7, "QLinearMul": 7, "QGemm": 8, "QLinearAveragePool": 4,
-                      "QLinearGlobalAveragePool": 4, "QLinearConcat": 1, "QLinearSigmoid": 4,
-                      "QLinearLeakyRelu": 4}
-
-
-def _element_types(model: onnx.ModelProto) -> dict[str, int]:
-    typed = onnx.ModelProto()
-    typed.CopyFrom(model)
-    types: dict[str, int] = {}
-    for _ in range(len(model.graph.node) + 1):  # each pass types at least one more operator, or stops
-        graph = onnx.shape_inference.infer_shapes(typed).graph
-        types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]
-                 if v.type.tensor_type.elem_type}
-        types.update({init.name: init.data_type for init in graph.initializer})
-        found = {}
-        for node in model.graph.node:
-            position = _OUTPUT_ZERO_POINT.get(node.op_type) if node.domain == "com.microsoft" else None
-            if position is None or not node.output or node.output[0] in types:
-                continue
-            zero_point = node.input[position] if position < len(node.input) else ""
-            # QGemm without an output scale and zero point gives float
-            found[node.output[0]] = types.get(zero_point) if zero_point else onnx.TensorProto.FLOAT
-        found = {name: kind for name, kind in found.items() if kind}
-        if not found:
-            break
-        typed.graph.value_info.extend(helper.make_empty_tensor_value_info(name) for name in found)
-        for value in typed.graph.value_info[-len(found):]:
-            value.type.tensor_type.elem_type = found[value.name]
-    return types
-
-
 class KernelChooser:
     """Measures each weight-bearing layer of one model (shape inference done once)."""
 
@@ -104,7 +71,7 @@ class KernelChooser:
         self.threads = threads
         self.lookups = model_io.GraphIndex(model)
         self.shapes = model_io.infer_shapes(model)
-        self.types = _element_types(model)
+        self.types = model_io.element_types(model)
 
     def choose(self, node: onnx.NodeProto) -> KernelChoice:
         from onnxsparse.model import onnxruntime_session

@@ -94,15 +94,28 @@ def partition(model: onnx.ModelProto, sparse_nodes: set[str], native,
         chains[chain.anchor] = chain
     # MaxPools fed by a chain join it: the native one is faster than onnxruntime's on float32
     # (1.4x) and far faster on uint8/int8 (64x112x112: 0.1 against 3.7 ms), and every pool that joins
-    # saves a crossing into onnxruntime and back (VGG-19 at 80%: 7 regions become 3, 1.08x)
+    # saves a crossing into onnxruntime and back (VGG-19 at 80%: 7 regions become 3, 1.08x). An
+    # 8-bit pool fed by onnxruntime (a dense stem conv) runs natively too when the model has native
+    # chains at all (a model without them stays plain onnxruntime): the crossing costs far less
+    # than onnxruntime's 8-bit pool.
     produced = {chain.output: chain for chain in chains.values()}
+    types: dict[str, int] | None = None
+    eight_bit = {onnx.TensorProto.UINT8: np.dtype(np.uint8), onnx.TensorProto.INT8: np.dtype(np.int8)}
     for index, node in enumerate(model.graph.node):
-        source = produced.get(node.input[0]) if node.input else None
-        if (node.op_type not in POOL_OPS or node.domain or index in taken or source is None
-                or rank_of(node.input[0]) != 4):
+        if node.op_type not in POOL_OPS or node.domain or index in taken or rank_of(node.input[0]) != 4:
             continue
+        source = produced.get(node.input[0])
+        if source is not None:
+            input_type = source.output_type
+        elif not produced:
+            break
+        else:
+            types = model_io.element_types(model) if types is None else types
+            input_type = eight_bit.get(types.get(node.input[0]))
+            if input_type is None:
+                continue
         try:
-            chain = pool_chain(native, lookups, index, source.output_type)
+            chain = pool_chain(native, lookups, index, input_type)
         except Unsupported:
             continue
         taken.add(index)

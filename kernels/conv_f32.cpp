@@ -11,7 +11,7 @@ namespace onnxsparse {
 namespace {
 
 constexpr int64_t kChunk = 24;       // pixels per micro-kernel call
-constexpr int64_t kTileTarget = 384;    // wide pixels per work item, at most
+constexpr int64_t kTileTarget = 768;    // wide pixels per work item, at most (longer output runs)
 constexpr int64_t kTileBudget = 65536;  // input floats of one tile (256 KB), over all channels
 constexpr int64_t kTermSlice = 128;     // terms per pass over a chunk (their inputs: ~16 KB)
 

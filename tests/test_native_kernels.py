@@ -78,6 +78,9 @@ CASES = [
     Case("3x1_unpadded_unstructured", 1, 8, 30, 10, 16, (3, 1), pattern="unstructured"),
     Case("7x7_stride2_stem", 1, 3, 20, 20, 16, (7, 7), strides=(2, 2), pads=(3, 3, 3, 3)),
     Case("5x5_stride3_1x16", 3, 8, 17, 16, 16, (5, 5), strides=(3, 3), pads=(2, 0, 1, 2), pattern="1x16"),
+    # more pixels than one work item's tile (768 float, 896 8-bit): several tiles, a partial last chunk
+    Case("1x1_many_tiles_1x16", 1, 8, 41, 45, 32, (1, 1), pattern="1x16"),
+    Case("3x3_pad1_many_tiles_1x4", 2, 8, 37, 41, 16, (3, 3), pads=(1, 1, 1, 1), pattern="1x4"),
     # one output pixel (Gemm rows): the kernels vectorize over a block's rows instead of pixels
     Case("gemm_rows_1x16", 3, 64, 1, 1, 48, (1, 1), pattern="1x16"),
     Case("gemm_rows_1x8", 2, 50, 1, 1, 24, (1, 1), pattern="1x8"),

@@ -157,8 +157,6 @@ void pixel_avx2(const float* x, const int64_t* channels, int64_t terms, const fl
 
 #pragma GCC pop_options
 
-using PixelFn = void (*)(const float*, const int64_t*, int64_t, const float*, float*);
-
 using ChunkFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, float*, int64_t, bool);
 using EpilogueFn = void (*)(const float*, float*, const float*, float, float, float, int64_t);
 

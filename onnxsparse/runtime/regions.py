@@ -102,7 +102,8 @@ def partition(model: onnx.ModelProto, sparse_nodes: set[str], native,
     types: dict[str, int] | None = None
     eight_bit = {onnx.TensorProto.UINT8: np.dtype(np.uint8), onnx.TensorProto.INT8: np.dtype(np.int8)}
     for index, node in enumerate(model.graph.node):
-        if node.op_type not in POOL_OPS or node.domain or index in taken or rank_of(node.input[0]) != 4:
+        if (node.op_type not in POOL_OPS or node.domain or index in taken or not node.input
+                or rank_of(node.input[0]) != 4):
             continue
         source = produced.get(node.input[0])
         if source is not None:

@@ -186,14 +186,13 @@ _OUTPUT_ZERO_POINT = {"QLinearAdd": 7, "QLinearMul": 7, "QGemm": 8, "QLinearAver
 def element_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type (onnx.TensorProto code) of every tensor onnx can type, past com.microsoft
     quantized operators too."""
-    typed = onnx.ModelProto()
-    typed.CopyFrom(model)
+    typed = _weightless(model)  # inference serializes the model on every pass
     types: dict[str, int] = {}
     for _ in range(len(model.graph.node) + 1):  # each pass types at least one more operator, or stops
         graph = onnx.shape_inference.infer_shapes(typed).graph
         types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]
                  if v.type.tensor_type.elem_type}
-        types.update({init.name: init.data_type for init in graph.initializer})
+        types.update({init.name: init.data_type for init in model.graph.initializer})
         found = {}
         for node in model.graph.node:
             position = _OUTPUT_ZERO_POINT.get(node.op_type) if node.domain == "com.microsoft" else None
@@ -217,13 +216,19 @@ def check_model(model: onnx.ModelProto) -> None:
     if _fits_in_protobuf(model):
         onnx.checker.check_model(model)
         return
+    onnx.checker.check_model(_weightless(model))
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each initializer turned into a graph input of the same name, type and shape."""
     structure = onnx.ModelProto()
     structure.CopyFrom(model)
     graph = structure.graph
+    listed = {value.name for value in graph.input}  # before IR 4, initializers are inputs too
     graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, init.dims)
-                       for init in graph.initializer)  # same names, types and shapes, no bytes
+                       for init in graph.initializer if init.name not in listed)
     del graph.initializer[:]
-    onnx.checker.check_model(structure)
+    return structure
 
 
 def _fits_in_protobuf(model: onnx.ModelProto) -> bool:

@@ -54,6 +54,11 @@ struct ConvAttrs {
     int64_t kernel_positions() const { return kernel_h * kernel_w; }
     int64_t in_channels() const { return channels_per_group * groups; }
     int64_t out_per_group() const { return out_channels / groups; }
+    // A 1x1 unpadded conv on a 1x1 input (a Gemm or MatMul row): one output pixel per image.
+    bool one_pixel(int64_t in_h, int64_t in_w) const {
+        return in_h == 1 && in_w == 1 && kernel_h == 1 && kernel_w == 1 && pad_top == 0 && pad_left == 0 &&
+               pad_bottom == 0 && pad_right == 0;
+    }
 };
 
 // Where one run's input lives and how wide output pixels map to it.

@@ -177,10 +177,9 @@ ConvF32Kernel::ConvF32Kernel(const ConvAttrs& attrs, const float* weight, const 
 
 void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_w, const float* residual,
                         float* y) const {
+    if (batch > 0 && attrs_.one_pixel(in_h, in_w)) return run_pixel(x, batch, residual, y);
     const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunk, true);
     if (batch == 0) return;
-    if (in_h == 1 && in_w == 1 && attrs_.kernel_positions() == 1 && geo.out_h == 1 && geo.out_w == 1)
-        return run_pixel(x, batch, residual, y);
     std::unique_lock<std::mutex> cache_lock(cache_mutex_, std::try_to_lock);
     RunCache<float, float> local;
     RunCache<float, float>& cache = cache_lock.owns_lock() ? cache_ : local;

@@ -734,9 +734,7 @@ void ConvQ8Kernel::run_pixel(const XT* x, int64_t batch, const YT* residual, YT*
 
 template <typename XT, typename YT>
 void ConvQ8Kernel::run_typed(const XT* x, int64_t batch, int64_t in_h, int64_t in_w, const YT* residual, YT* y) const {
-    const bool one_pixel = in_h == 1 && in_w == 1 && attrs_.kernel_positions() == 1 && attrs_.pad_top == 0 &&
-                           attrs_.pad_left == 0 && attrs_.pad_bottom == 0 && attrs_.pad_right == 0;
-    if (one_pixel && batch > 0) return run_pixel(x, batch, residual, y);
+    if (batch > 0 && attrs_.one_pixel(in_h, in_w)) return run_pixel(x, batch, residual, y);
     if (u8_ok_ && simd_level() == SimdLevel::avx2) return run_u8(x, batch, in_h, in_w, residual, y);
     const Geometry geo = make_geometry(attrs_, batch, attrs_.in_channels(), in_h, in_w, kChunk, false);
     if (batch == 0) return;

@@ -47,6 +47,7 @@ void every_nth_scalar(T* __restrict dst, const T* __restrict src, int64_t n, int
 
 inline __m256i vmax(__m256i a, __m256i b, uint8_t) { return _mm256_max_epu8(a, b); }
 inline __m256i vmax(__m256i a, __m256i b, int8_t) { return _mm256_max_epi8(a, b); }
+inline __m256 vmax(__m256 a, __m256 b, float) { return _mm256_max_ps(a, b); }
 
 template <typename T>
 inline auto vload(const T* p) {
@@ -58,7 +59,6 @@ inline auto vload(const T* p) {
 inline void vstore(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 template <typename T>
 inline void vstore(T* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
-inline __m256 vmax(__m256 a, __m256 b, float) { return _mm256_max_ps(a, b); }
 
 // Each output vector is loaded and stored once (no pass re-reads what the one before stored); the
 // last vector overlaps the one before (recomputed from the sources) instead of a scalar tail.

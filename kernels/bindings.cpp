@@ -44,6 +44,29 @@ void check_shape(const py::array& array, const char* name, const std::vector<int
     }
 }
 
+bool overlaps(const py::array& a, const py::array& b) {
+    const char* a0 = static_cast<const char*>(a.data());
+    const char* b0 = static_cast<const char*>(b.data());
+    return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+// The output: a new array, or `out` when the caller gives one (a buffer it recycles). `out` must
+// match in dtype and shape, be C-contiguous and writeable, and not overlap x. It may be the
+// residual itself (the epilogues read each residual element before writing the same output
+// element, and nothing else), but not overlap it otherwise.
+template <typename T>
+py::array output_array(const py::object& out, const std::vector<int64_t>& shape, const py::array& x,
+                       const py::array* residual) {
+    if (out.is_none()) return py::array_t<T>(shape);
+    py::array y = checked_array<T>(out, "out", static_cast<int>(shape.size()));
+    check_shape(y, "out", shape);
+    if (!y.writeable()) throw ConvError("out must be writeable");
+    if (overlaps(y, x)) throw ConvError("out must not overlap x");
+    if (residual && overlaps(y, *residual) && y.data() != residual->data())
+        throw ConvError("out may be the residual itself but must not partly overlap it");
+    return y;
+}
+
 std::vector<int64_t> checked_ints(const std::vector<int64_t>& values, size_t count, const char* name) {
     if (values.size() != count)
         throw ConvError(std::string(name) + " must have " + std::to_string(count) + " values, got " +
@@ -128,7 +151,7 @@ class PyConvF32 {
                                                   static_cast<float>(clamp_min), static_cast<float>(clamp_max));
     }
 
-    py::array run(const py::object& x_value, const py::object& residual_value) const {
+    py::array run(const py::object& x_value, const py::object& residual_value, const py::object& out) const {
         const py::array x = checked_array<float>(x_value, "x", 4);
         const std::vector<int64_t> out_shape = output_shape_of(kernel_->attrs(), shape_of(x));
         const float* residual = nullptr;
@@ -138,14 +161,14 @@ class PyConvF32 {
             check_shape(r, "residual", out_shape);
             residual = static_cast<const float*>(r.data());
         }
-        py::array_t<float> y(out_shape);
-        float* y_data = y.mutable_data();
+        py::array y = output_array<float>(out, out_shape, x, residual ? &r : nullptr);
+        float* y_data = static_cast<float*>(y.mutable_data());
         const float* x_data = static_cast<const float*>(x.data());
         {
             py::gil_scoped_release release;
             kernel_->run(x_data, x.shape(0), x.shape(2), x.shape(3), residual, y_data);
         }
-        return std::move(y);
+        return y;
     }
 
     int64_t nonzeros() const { return kernel_->encoding().nonzeros; }
@@ -188,7 +211,7 @@ class PyConvQ8 {
         kernel_->set_residual_add({factor_conv, factor_residual, shift, residual_zero_point, out_zero_point});
     }
 
-    py::array run(const py::object& x_value, const py::object& residual_value) const {
+    py::array run(const py::object& x_value, const py::object& residual_value, const py::object& out) const {
         const bool x_signed = kernel_->x_signed(), y_signed = kernel_->y_signed();
         const py::array x = x_signed ? checked_array<int8_t>(x_value, "x", 4) : checked_array<uint8_t>(x_value, "x", 4);
         const std::vector<int64_t> out_shape = output_shape_of(kernel_->attrs(), shape_of(x));
@@ -204,7 +227,9 @@ class PyConvQ8 {
             check_shape(r, "residual", out_shape);
             residual = r.data();
         }
-        py::array y = y_signed ? py::array(py::array_t<int8_t>(out_shape)) : py::array(py::array_t<uint8_t>(out_shape));
+        const py::array* residual_array = residual ? &r : nullptr;
+        py::array y = y_signed ? output_array<int8_t>(out, out_shape, x, residual_array)
+                               : output_array<uint8_t>(out, out_shape, x, residual_array);
         void* y_data = y.mutable_data();
         const void* x_data = x.data();
         {
@@ -237,13 +262,13 @@ class PyMaxPool {
         kernel_ = std::make_unique<MaxPoolKernel>(attrs);
     }
 
-    py::array run(const py::object& x_value, const py::object& residual) const {
+    py::array run(const py::object& x_value, const py::object& residual, const py::object& out) const {
         if (!residual.is_none()) throw ConvError("MaxPool takes no residual");
         if (!py::isinstance<py::array>(x_value)) throw ConvError("x must be a numpy array");
         const py::dtype dtype = py::reinterpret_borrow<py::array>(x_value).dtype();
-        if (dtype.equal(py::dtype::of<float>())) return run_typed<float>(x_value);
-        if (dtype.equal(py::dtype::of<uint8_t>())) return run_typed<uint8_t>(x_value);
-        if (dtype.equal(py::dtype::of<int8_t>())) return run_typed<int8_t>(x_value);
+        if (dtype.equal(py::dtype::of<float>())) return run_typed<float>(x_value, out);
+        if (dtype.equal(py::dtype::of<uint8_t>())) return run_typed<uint8_t>(x_value, out);
+        if (dtype.equal(py::dtype::of<int8_t>())) return run_typed<int8_t>(x_value, out);
         throw ConvError("x must be float32, uint8 or int8, got " + py::str(dtype).cast<std::string>());
     }
 
@@ -259,16 +284,16 @@ class PyMaxPool {
     }
 
     template <typename T>
-    py::array run_typed(const py::object& x_value) const {
+    py::array run_typed(const py::object& x_value, const py::object& out) const {
         const py::array x = checked_array<T>(x_value, "x", 4);
-        py::array_t<T> y(shape_for(shape_of(x)));
-        T* y_data = y.mutable_data();
+        py::array y = output_array<T>(out, shape_for(shape_of(x)), x, nullptr);
+        T* y_data = static_cast<T*>(y.mutable_data());
         const T* x_data = static_cast<const T*>(x.data());
         {
             py::gil_scoped_release release;
             kernel_->run<T>(x_data, x.shape(0), x.shape(1), x.shape(2), x.shape(3), y_data);
         }
-        return std::move(y);
+        return y;
     }
 
     std::unique_ptr<MaxPoolKernel> kernel_;
@@ -290,7 +315,7 @@ PYBIND11_MODULE(_native, m) {
                       const std::vector<int64_t>&, int64_t, double, double>(),
              py::arg("weight"), py::arg("bias"), py::arg("strides"), py::arg("pads"), py::arg("dilations"),
              py::arg("groups"), py::arg("clamp_min") = -inf, py::arg("clamp_max") = inf)
-        .def("run", &PyConvF32::run, py::arg("x"), py::arg("residual") = py::none())
+        .def("run", &PyConvF32::run, py::arg("x"), py::arg("residual") = py::none(), py::arg("out") = py::none())
         .def_property_readonly("nonzeros", &PyConvF32::nonzeros)
         .def_property_readonly("encoding", &PyConvF32::encoding)
         .def("output_shape", &PyConvF32::output_shape, py::arg("input_shape"));
@@ -304,7 +329,7 @@ PYBIND11_MODULE(_native, m) {
              py::arg("dilations"), py::arg("groups"))
         .def("set_residual_add", &PyConvQ8::set_residual_add, py::arg("factor_conv"), py::arg("factor_residual"),
              py::arg("shift"), py::arg("residual_zero_point"), py::arg("out_zero_point"))
-        .def("run", &PyConvQ8::run, py::arg("x"), py::arg("residual") = py::none())
+        .def("run", &PyConvQ8::run, py::arg("x"), py::arg("residual") = py::none(), py::arg("out") = py::none())
         .def_property_readonly("nonzeros", &PyConvQ8::nonzeros)
         .def_property_readonly("encoding", &PyConvQ8::encoding)
         .def("output_shape", &PyConvQ8::output_shape, py::arg("input_shape"));
@@ -313,6 +338,6 @@ PYBIND11_MODULE(_native, m) {
         .def(py::init<const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
                       const std::vector<int64_t>&>(),
              py::arg("kernel_shape"), py::arg("strides"), py::arg("pads"), py::arg("dilations"))
-        .def("run", &PyMaxPool::run, py::arg("x"), py::arg("residual") = py::none())
+        .def("run", &PyMaxPool::run, py::arg("x"), py::arg("residual") = py::none(), py::arg("out") = py::none())
         .def("output_shape", &PyMaxPool::output_shape, py::arg("input_shape"));
 }

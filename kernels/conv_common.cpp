@@ -54,9 +54,12 @@ void set_num_threads(int threads) {
 
 namespace {
 
-// Workers sleep on a condition variable between jobs (after a short spin). A job is an item
-// counter every participant draws from; the caller closes the job when the items run out and
-// then waits only for workers that joined it.
+// Workers sleep on a condition variable between jobs (after a short spin). A job's items are
+// split into one contiguous range per participant (the caller and each worker); a participant
+// runs its own range, then takes what is left of the others'. Items are ordered (image, pixel
+// tile, row block), so a thread computes the same pixels in consecutive layers and finds their
+// input in its own cache; a late or descheduled worker's range is still taken by the others.
+// The caller closes the job when the items run out and then waits only for workers that joined.
 class ThreadPool {
   public:
     void run(int64_t items, const std::function<void(int64_t, int)>& fn, int threads) {
@@ -69,12 +72,15 @@ class ThreadPool {
         {
             std::lock_guard<std::mutex> lock(mutex_);
             job_ = &fn;
-            total_ = items;
-            next_.store(0);
+            parts_ = threads;
+            for (int part = 0; part < threads; ++part) {
+                ranges_[part].next.store(items * part / threads);
+                ranges_[part].end = items * (part + 1) / threads;
+            }
             generation_.fetch_add(1);
         }
         wake_.notify_all();
-        for (int64_t item; (item = next_.fetch_add(1)) < items;) fn(item, 0);
+        drain(fn, 0, threads);
         {
             std::lock_guard<std::mutex> lock(mutex_);
             job_ = nullptr;
@@ -91,6 +97,18 @@ class ThreadPool {
     struct Worker {
         std::atomic<bool> stop{false};
     };
+    struct alignas(64) Range {
+        std::atomic<int64_t> next{0};
+        int64_t end = 0;
+    };
+
+    // Participant `part`: its own range first, then the others' remainders.
+    void drain(const std::function<void(int64_t, int)>& fn, int part, int parts) {
+        for (int k = 0; k < parts; ++k) {
+            Range& range = ranges_[(part + k) % parts];
+            for (int64_t item; (item = range.next.fetch_add(1)) < range.end;) fn(item, part);
+        }
+    }
 
     void resize(int workers) {
         if (static_cast<int>(workers_.size()) == workers) return;
@@ -101,6 +119,7 @@ class ThreadPool {
         }
         wake_.notify_all();
         workers_.clear();  // the stopped threads are detached and exit on their own
+        ranges_.reset(new Range[workers + 1]);
         for (int index = 1; index <= workers; ++index) {
             auto worker = std::make_shared<Worker>();
             workers_.push_back(worker);
@@ -118,10 +137,10 @@ class ThreadPool {
             if (worker.stop.load()) return;
             if (!job_) continue;
             const std::function<void(int64_t, int)>* job = job_;
-            const int64_t total = total_;
+            const int parts = parts_;
             active_.fetch_add(1);
             lock.unlock();
-            for (int64_t item; (item = next_.fetch_add(1)) < total;) (*job)(item, index);
+            if (index < parts) drain(*job, index, parts);
             active_.fetch_sub(1);
         }
     }
@@ -130,8 +149,8 @@ class ThreadPool {
     std::condition_variable wake_;
     std::atomic<uint64_t> generation_{0};
     const std::function<void(int64_t, int)>* job_ = nullptr;
-    int64_t total_ = 0;
-    std::atomic<int64_t> next_{0};
+    int parts_ = 0;
+    std::unique_ptr<Range[]> ranges_;
     std::atomic<int> active_{0};
     std::vector<std::shared_ptr<Worker>> workers_;
 };

@@ -186,8 +186,22 @@ def test_conv_f32_matches_onnxruntime_with_fused_epilogues(case: Case, simd):
     assert_float_close(make_conv_f32(case, weight, None, clamp_min=-0.5, clamp_max=1.5).run(x),
                        ort_float_conv(case, x, weight, np.zeros_like(bias), clamp=(-0.5, 1.5)))
     residual = rng.standard_normal(expected.shape).astype(np.float32)
-    assert_float_close(make_conv_f32(case, weight, bias, clamp_min=0.0).run(x, residual),
-                       ort_float_conv(case, x, weight, bias, residual, clamp=(0.0, np.inf)))
+    relu = make_conv_f32(case, weight, bias, clamp_min=0.0)
+    expected_sum = ort_float_conv(case, x, weight, bias, residual, clamp=(0.0, np.inf))
+    assert_float_close(relu.run(x, residual), expected_sum)
+    assert_writes_into_out(relu, x, residual, relu.run(x, residual))
+
+
+def assert_writes_into_out(kernel, x, residual, expected) -> None:
+    """run(out=...) fills `out` (and returns it) with the very bits of a plain run, also when out is
+    the residual itself (a region's in-place residual add)."""
+    out = np.empty(expected.shape, expected.dtype)
+    assert kernel.run(x, residual, out) is out
+    np.testing.assert_array_equal(out, expected)
+    if residual is not None:
+        in_place = np.ascontiguousarray(residual).copy()
+        assert kernel.run(x, in_place, in_place) is in_place
+        np.testing.assert_array_equal(in_place, expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +285,7 @@ def check_q8_case(case: Case, rng: np.random.Generator, x_signed: bool, y_signed
     actual = conv.run(x)
     assert actual.dtype == expected.dtype and conv.output_shape(x.shape) == expected.shape
     np.testing.assert_array_equal(actual, expected)
+    assert_writes_into_out(conv, x, None, expected)
 
     residual = random_activations(expected.shape, y_signed, rng)
     add = (float(params.y_scale) * 1.3, int(rng.integers(-10, 10)) if y_signed else int(rng.integers(0, 255)),
@@ -279,6 +294,7 @@ def check_q8_case(case: Case, rng: np.random.Generator, x_signed: bool, y_signed
     conv.set_residual_add(rescale.factor_a, rescale.factor_b, rescale.shift, add[1], add[3])
     expected_sum = reference_qlinear_conv(case, params, x, weight, bias, residual, add)
     np.testing.assert_array_equal(conv.run(x, residual), expected_sum)
+    assert_writes_into_out(conv, x, residual, expected_sum)
 
 
 @pytest.mark.parametrize("x_signed", [False, True], ids=["u8", "s8"])
@@ -484,8 +500,10 @@ def test_max_pool_on_wide_rows_equals_onnxruntime(simd, dtype, geometry):
     rng = np.random.default_rng(width)
     info = np.finfo(dtype) if dtype == np.float32 else np.iinfo(dtype)
     x = rng.uniform(max(info.min, -1e6), min(info.max, 1e6), (1, 3, 9, width)).astype(dtype)
-    got = _native.MaxPool(kernel, strides, pads, [1, 1]).run(x)
+    pool = _native.MaxPool(kernel, strides, pads, [1, 1])
+    got = pool.run(x)
     np.testing.assert_array_equal(got, ort_max_pool(x, kernel, strides, pads, (1, 1)))
+    assert_writes_into_out(pool, x, None, got)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int8])
@@ -515,6 +533,28 @@ def test_max_pool_refuses_bad_arguments():
 # ---------------------------------------------------------------------------------------------
 # Pruned weights keep their structure; bad inputs are refused; SIMD selection
 # ---------------------------------------------------------------------------------------------
+
+
+def test_run_refuses_outputs_it_cannot_write_into(small_conv):
+    conv, x = small_conv[1], np.ones((1, 4, 6, 6), np.float32)
+    residual = np.ones((1, 8, 6, 6), np.float32)
+    shared = np.zeros(8 * 36, np.float32)  # out and, in its second half, x
+    read_only = np.zeros((1, 8, 6, 6), np.float32)
+    read_only.flags.writeable = False
+    for out, message in [(np.zeros((1, 8, 6, 5), np.float32), "out must have shape"),
+                         (np.zeros((1, 8, 6, 6), np.float64), "out must be float32"),
+                         (np.zeros((1, 8, 6, 12), np.float32)[..., ::2], "out must be C-contiguous"),
+                         (read_only, "writeable"),
+                         (shared.reshape(1, 8, 6, 6), "overlap x")]:
+        with pytest.raises(ValueError, match=message):
+            conv.run(shared[4 * 36:].reshape(1, 4, 6, 6) if message == "overlap x" else x, None, out)
+    halves = np.zeros(8 * 36 + 36, np.float32)
+    with pytest.raises(ValueError, match="partly overlap"):
+        conv.run(x, halves[:8 * 36].reshape(1, 8, 6, 6), halves[36:].reshape(1, 8, 6, 6))
+    pool = _native.MaxPool([2, 2], [2, 2], [0, 0, 0, 0], [1, 1])
+    with pytest.raises(ValueError, match="out must be uint8"):
+        pool.run(np.zeros((1, 1, 4, 4), np.uint8), None, np.zeros((1, 1, 2, 2), np.int8))
+    np.testing.assert_array_equal(conv.run(x, residual, residual), conv.run(x, np.ones_like(residual)))
 
 
 def test_all_zero_weight_gives_bias(simd):

@@ -362,3 +362,41 @@ def test_with_batch_frees_reshape_targets_written_for_batch_one():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     x = np.arange(24, dtype=np.float32).reshape(3, 4, 2)
     np.testing.assert_array_equal(ort_outputs(with_batch(model, 3), {"x": x})[0], x.reshape(3, 8))
+
+
+def test_regions_write_outputs_into_the_residual_or_a_dead_intermediate(monkeypatch):
+    # a = conv1(x); b = conv2(a); c = conv3(b); d = conv4(c) + a; e = conv5(d): conv4 writes into a
+    # (its residual, dead there), conv5 into c (dead, same shape, the newest spare), and both still
+    # give onnxruntime's result
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxsparse.runtime import steps
+
+    rng = np.random.default_rng(4)
+    names = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    weights = [numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32), f"{n}_w")
+               for n in names]
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "conv1_w"], ["a"], name="conv1", **conv),
+             helper.make_node("Conv", ["a", "conv2_w"], ["b"], name="conv2", **conv),
+             helper.make_node("Conv", ["b", "conv3_w"], ["c"], name="conv3", **conv),
+             helper.make_node("Conv", ["c", "conv4_w"], ["c4"], name="conv4", **conv),
+             helper.make_node("Add", ["c4", "a"], ["d"], name="add"),
+             helper.make_node("Conv", ["d", "conv5_w"], ["e"], name="conv5", **conv)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 9, 9])],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 16, 9, 9])], weights)
+    model = onnxsparse.prune(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                             "1x16", 0.5)
+    writes = {}
+    run = steps.Chain.run
+
+    def spy(chain, x, residual, out=None):
+        writes[chain.label] = "residual" if out is not None and out is residual else "spare" if out is not None else None
+        return run(chain, x, residual, out)
+
+    monkeypatch.setattr(steps.Chain, "run", spy)
+    session = InferenceSession(packed(model), threads=2)
+    feeds = {"x": rng.standard_normal((2, 16, 9, 9)).astype(np.float32)}
+    for _ in range(2):  # the second run starts without spares again
+        assert_close(session.run(None, feeds)[0], ort_outputs(model, feeds)[0])
+        assert writes == {"conv1": None, "conv2": None, "conv3": None, "conv4": "residual", "conv5": "spare"}

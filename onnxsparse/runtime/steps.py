@@ -52,7 +52,9 @@ class Chain:
     def anchor(self) -> int:
         return self.node_indices[-1]
 
-    def run(self, x: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
+    def run(self, x: np.ndarray, residual: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+        """`out`: an array of the output's shape and type to write into (not for matrix chains); it
+        may be `residual` itself."""
         if self.matrix:
             if x.ndim != 2:
                 raise ValueError(f"{self.label}: expected a 2-D input, got shape {list(x.shape)}")
@@ -60,7 +62,7 @@ class Chain:
             if residual is not None:
                 residual = np.ascontiguousarray(np.broadcast_to(residual, (x.shape[0], residual.shape[-1])))
                 residual = residual.reshape(residual.shape[0], residual.shape[1], 1, 1)
-        y = self.kernel.run(np.ascontiguousarray(x), None if residual is None else np.ascontiguousarray(residual))
+        y = self.kernel.run(np.ascontiguousarray(x), None if residual is None else np.ascontiguousarray(residual), out)
         return y.reshape(y.shape[0], y.shape[1]) if self.matrix else y
 
 

@@ -51,35 +51,42 @@ class Region:
             for name in (chain.input, chain.residual):
                 if name:
                     self._last_use[name] = position
-        # arrays the region itself allocated and nothing outside sees: spares once dead
-        self._recyclable = {chain.output for chain in self.chains if not chain.matrix} - set(self.outputs)
+        # per chain, planned once: the tensors that die after it (and whether the region allocated
+        # them and nothing outside sees them: spares then), and whether it writes into its residual
+        recyclable = {chain.output for chain in self.chains if not chain.matrix} - set(self.outputs)
+        self._plan = []
+        for position, chain in enumerate(self.chains):
+            dying = tuple(dict.fromkeys(name for name in (chain.input, chain.residual) if name
+                                        and self._last_use[name] == position and name not in self.outputs))
+            in_place = (not chain.matrix and chain.residual in recyclable and chain.residual != chain.input
+                        and self._last_use[chain.residual] == position)
+            self._plan.append((chain, tuple((name, name in recyclable) for name in dying), in_place))
+        self._output_shapes: dict[tuple, tuple] = {}  # (position, input shape) -> output shape
 
     def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         values = dict(zip(self.inputs, arrays))
-        keep = set(self.outputs)
         spare: dict[tuple, list[np.ndarray]] = {}  # dead intermediates by (shape, dtype), newest last
-        for position, chain in enumerate(self.chains):
+        for position, (chain, dying, in_place) in enumerate(self._plan):
             x, residual = values[chain.input], values[chain.residual] if chain.residual else None
             try:
-                out = self._output_buffer(chain, position, x, residual, spare)
+                out = residual if in_place else None if chain.matrix else self._spare(position, chain, x, spare)
                 values[chain.output] = chain.run(x, residual, out)
             except ValueError as exc:  # the kernels' argument checks: name the node
                 raise ValueError(f"node {chain.label}: {exc}") from exc
-            for name in (chain.input, chain.residual):
-                if name and self._last_use.get(name) == position and name not in keep:
-                    dead = values.pop(name, None)
-                    if dead is not None and dead is not out and name in self._recyclable:
-                        spare.setdefault((dead.shape, dead.dtype), []).append(dead)
+            for name, recyclable in dying:
+                dead = values.pop(name)
+                if recyclable and dead is not out:
+                    spare.setdefault((dead.shape, dead.dtype), []).append(dead)
         return tuple(values[name] for name in self.outputs)
 
-    def _output_buffer(self, chain: Chain, position: int, x: np.ndarray, residual: np.ndarray | None,
-                       spare: dict) -> np.ndarray | None:
-        if chain.matrix:  # its output is reshaped to 2-D: a view, never a spare
-            return None
-        if (residual is not None and chain.residual in self._recyclable and chain.residual != chain.input
-                and self._last_use[chain.residual] == position):
-            return residual
-        buffers = spare.get((tuple(chain.kernel.output_shape(x.shape)), chain.output_type))
+    def _spare(self, position: int, chain: Chain, x: np.ndarray, spare: dict) -> np.ndarray | None:
+        """A dead intermediate of the chain's output shape and type (matrix chains: never, their
+        output is reshaped to 2-D, a view)."""
+        key = (position, x.shape)
+        shape = self._output_shapes.get(key)
+        if shape is None:
+            shape = self._output_shapes[key] = tuple(chain.kernel.output_shape(x.shape))
+        buffers = spare.get((shape, chain.output_type))
         return buffers.pop() if buffers else None
 
 

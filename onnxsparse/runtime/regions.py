@@ -35,10 +35,9 @@ class Region:
     chains: list[Chain] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
-    _last_use: dict[str, int] = field(default_factory=dict)
 
     def finish(self) -> None:
-        """Derive the region's inputs, the element types at its boundary, and last uses."""
+        """Derive the region's inputs, the element types at its boundary, and the per-chain plan."""
         produced = {chain.output for chain in self.chains}
         self.input_types = []
         for chain in self.chains:
@@ -47,19 +46,17 @@ class Region:
                     self.inputs.append(name)
                     self.input_types.append(dtype)
         self.output_types = [next(c.output_type for c in self.chains if c.output == name) for name in self.outputs]
-        for position, chain in enumerate(self.chains):
-            for name in (chain.input, chain.residual):
-                if name:
-                    self._last_use[name] = position
+        last_use = {name: position for position, chain in enumerate(self.chains)
+                    for name in (chain.input, chain.residual) if name}
         # per chain, planned once: the tensors that die after it (and whether the region allocated
         # them and nothing outside sees them: spares then), and whether it writes into its residual
         recyclable = {chain.output for chain in self.chains if not chain.matrix} - set(self.outputs)
         self._plan = []
         for position, chain in enumerate(self.chains):
             dying = tuple(dict.fromkeys(name for name in (chain.input, chain.residual) if name
-                                        and self._last_use[name] == position and name not in self.outputs))
+                                        and last_use[name] == position and name not in self.outputs))
             in_place = (not chain.matrix and chain.residual in recyclable and chain.residual != chain.input
-                        and self._last_use[chain.residual] == position)
+                        and last_use[chain.residual] == position)
             self._plan.append((chain, tuple((name, name in recyclable) for name in dying), in_place))
         self._output_shapes: dict[tuple, tuple] = {}  # (position, input shape) -> output shape
 
@@ -205,7 +202,7 @@ def _finish(region: Region, regions: list[Region], consumed_outside: set[str]) -
     """Set the region's outputs (what onnxruntime or another region reads) and boundary types."""
     inside_reads = {name for other in regions if other is not region for chain in other.chains
                     for name in (chain.input, chain.residual) if name}
-    region.inputs, region._last_use = [], {}
+    region.inputs = []
     region.outputs = [chain.output for chain in region.chains
                       if chain.output in consumed_outside or chain.output in inside_reads]
     region.finish()

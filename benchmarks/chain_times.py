@@ -18,7 +18,6 @@ import statistics
 import time
 from collections import defaultdict
 
-import numpy as np
 import onnx
 
 import onnxsparse
@@ -28,14 +27,14 @@ from onnxsparse.quant.quantize import quantize
 from onnxsparse.runner import random_inputs
 from onnxsparse.runtime import InferenceSession, steps
 from onnxsparse.zoo import zoo_model_path
+from runtime_speed import calibration  # benchmarks/: the same calibration records as the speed runs
 
 
 def resnet50_packed(sparsity: float, precision: str) -> onnx.ModelProto:
     dense = onnxsparse.load_model(zoo_model_path("resnet50"))
     model = onnxsparse.prune(dense, "1x16", sparsity)
     if precision == "int8":
-        calibration = [{name: value[0] for name, value in random_inputs(dense, seed).items()} for seed in range(4)]
-        model = lower_to_integer(quantize(model, calibration, weight_bits=7))
+        model = lower_to_integer(quantize(model, calibration(dense), weight_bits=7))
     return pack_model(model, choose_kernel=lambda node: {"kernel": "sparse", "reason": "chain_times"}).model
 
 
@@ -51,7 +50,7 @@ def chain_times(model: onnx.ModelProto, runs: int, threads: int) -> list[tuple[s
             seen[chain.label] = (x.copy(), None if residual is None else residual.copy())
             chains[chain.label] = chain
         started = time.perf_counter()
-        y = original(chain, x, residual) if out is None else original(chain, x, residual, out)
+        y = original(chain, x, residual, out)
         inside[chain.label].append(time.perf_counter() - started)
         return y
 

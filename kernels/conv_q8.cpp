@@ -3,10 +3,11 @@
 // Two integer paths, equal bit for bit (kernels/README.md has the design and the proofs):
 //  * AVX2, the vpmaddubsw path (run_u8): activations stay bytes, made unsigned (x, or x + 128 for
 //    int8) and padded with the unsigned zero point z_u, so acc = sum x_u * w - z_u * sum w, the
-//    second sum folded into the bias. Terms of 2-row sub-blocks are paired so that every pair has
-//    |w0| + |w1| <= 128 on both rows (255 * 128 = 32640 fits int16: vpmaddubsw cannot saturate),
-//    and consecutive pairs are grouped while the sum of |w| stays <= 128 on every row, so the int16
-//    sum of a group cannot leave int16 either; each group is then widened to int32.
+//    second sum folded into the bias. Terms of 2-row sub-blocks are paired, and consecutive pairs
+//    grouped, while on every row the positive weights sum to <= 128 and the negative ones to
+//    >= -128: since x_u >= 0, every partial sum then lies in [-255 * 128, 255 * 128] = [-32640,
+//    32640], so vpmaddubsw cannot saturate and a group's int16 sum cannot wrap; each group is then
+//    widened to int32.
 //  * The centered int16 path (scalar; AVX2 when some row has 255 * sum |w| >= 2**31): activations
 //    centered (x - x_zp) into int16, pairs interleaved (vpunpck[lh]wd) and multiplied by a
 //    broadcast int16 weight pair with vpmaddwd into int32. Block kernel 4 x 16, CSR 1 x 16.
@@ -443,8 +444,20 @@ using ChunkFn = void (*)(const int16_t*, const int64_t*, int64_t, const int32_t*
 using ChunkU8Fn = void (*)(const uint8_t*, const int64_t*, const int32_t*, int64_t, const int32_t*, int64_t, int32_t*,
                            int64_t);
 
-// The largest |w0| + |w1| of a pair, and of a group's sum over its pairs: 255 * 128 = 32640 <= 32767.
-constexpr int64_t kMaxPairAbs = 128;
+// What a pair's, or a group's, int16 lane can reach on one row. Activations are unsigned bytes
+// (0..255), so the lane (any partial sum of x_u * w over the taps) lies in [-255 * N, 255 * P],
+// P the sum of the positive weights and N the sum of |negative weights|: it stays in int16 (no
+// vpmaddubsw saturation, no vpaddw wrap) when P <= 128 and N <= 128 (255 * 128 = 32640 <= 32767).
+// Positive and negative weights are budgeted apart: with both signs a group holds about twice the
+// pairs that one budget of sum |w| <= 128 allowed.
+constexpr int64_t kMaxLaneWeight = 128;
+struct Load {
+    int64_t positive = 0, negative = 0;
+    Load plus(int64_t w) const {
+        return w > 0 ? Load{positive + w, negative} : Load{positive, negative - w};
+    }
+    bool fits() const { return positive <= kMaxLaneWeight && negative <= kMaxLaneWeight; }
+};
 
 int64_t type_low(bool is_signed) { return is_signed ? -128 : 0; }
 int64_t type_high(bool is_signed) { return is_signed ? 127 : 255; }
@@ -504,7 +517,8 @@ void ConvQ8Kernel::build_u8_encoding(const int8_t* weight) {
     u8_encoding_.nonzeros = encoding_.nonzeros;
     u8_group_begin_.assign(1, 0);
     u8_sub_begin_.assign(1, 0);
-    std::vector<int64_t> terms, load, lengths;
+    std::vector<int64_t> terms, lengths;
+    std::vector<Load> load;
     struct Pair {
         int64_t first, second;
         bool has_second;
@@ -529,35 +543,38 @@ void ConvQ8Kernel::build_u8_encoding(const int8_t* weight) {
                 add_term(encoding_.terms[t]);
                 if (encoding_.terms[t + 1] != encoding_.terms[t]) add_term(encoding_.terms[t + 1]);
             }
-            // neighbours pair up unless some row's |w0| + |w1| exceeds the bound: then the first goes alone
+            // neighbours pair up unless on some row the pair exceeds a bound: then the first goes alone
             pairs.clear();
             for (size_t i = 0; i < terms.size();) {
                 bool safe = i + 1 < terms.size();
-                for (int64_t row = 0; safe && row < rows; ++row)
-                    safe = std::abs(value(row, terms[i])) + std::abs(value(row, terms[i + 1])) <= kMaxPairAbs;
+                for (int64_t row = 0; safe && row < rows; ++row) {
+                    const Load pair_load = Load{}.plus(value(row, terms[i])).plus(value(row, terms[i + 1]));
+                    safe = pair_load.fits();
+                }
                 pairs.push_back({terms[i], safe ? terms[i + 1] : terms[i], safe});
                 i += safe ? 2 : 1;
             }
-            auto cost = [&](int64_t row, const Pair& pair) {
-                return std::abs(value(row, pair.first)) + (pair.has_second ? std::abs(value(row, pair.second)) : 0);
+            auto add = [&](Load load, int64_t row, const Pair& pair) {
+                load = load.plus(value(row, pair.first));
+                return pair.has_second ? load.plus(value(row, pair.second)) : load;
             };
-            // groups: consecutive pairs whose sum of |w| stays <= 128 on every row, at most `cap`
+            // groups: consecutive pairs whose loads stay within the bounds on every row, at most `cap`
             // pairs; the cap (the median of the uncapped lengths) makes many groups equally long
             // so that the micro-kernel's group loop is predictable
             auto make_groups = [&](int64_t cap, std::vector<int64_t>* out) {
                 out->clear();
-                load.assign(rows, 0);
+                load.assign(rows, Load{});
                 int64_t count = 0;
                 for (const Pair& pair : pairs) {
                     bool fits = count < cap;
-                    for (int64_t row = 0; row < rows && fits; ++row) fits = load[row] + cost(row, pair) <= kMaxPairAbs;
+                    for (int64_t row = 0; row < rows && fits; ++row) fits = add(load[row], row, pair).fits();
                     if (!fits) {
                         out->push_back(count);
                         count = 0;
-                        std::fill(load.begin(), load.end(), 0);
+                        std::fill(load.begin(), load.end(), Load{});
                     }
                     ++count;
-                    for (int64_t row = 0; row < rows; ++row) load[row] += cost(row, pair);
+                    for (int64_t row = 0; row < rows; ++row) load[row] = add(load[row], row, pair);
                 }
                 if (count) out->push_back(count);
             };

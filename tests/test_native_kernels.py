@@ -359,6 +359,41 @@ def test_conv_q8_extreme_zero_points_and_saturating_sums(simd):
         np.testing.assert_array_equal(make_conv_q8(case, params, weight, bias).run(x), expected)
 
 
+def sign_run_weight(out_channels: int, terms: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of two-term runs of one sign, signs alternating, each run summing to +-128 (a pair or
+    group exactly at the int16 bound with every x_u = 255) or +-129 (one past it: must be split)."""
+    weight = np.zeros((out_channels, terms), np.int64)
+    for row in range(out_channels):
+        sign = 1 if row % 2 else -1
+        for start in range(0, terms - 1, 2):
+            total = int(rng.choice([128, 129]))
+            first = int(rng.integers(total - 127, 128))
+            weight[row, start:start + 2] = sign * np.array([first, total - first])
+            sign = -sign
+    return weight.astype(np.int8)
+
+
+@pytest.mark.parametrize("x_signed", [False, True], ids=["u8", "s8"])
+def test_conv_q8_int16_lanes_at_the_bound_per_sign(x_signed: bool, simd):
+    """Pairs and int16 groups are budgeted per sign: on every row the positive weights of a group
+    sum to at most 128 and the negative ones to at least -128. With x_u = 255 (almost) everywhere,
+    runs that end exactly at the bound put int16 lanes at +-32640, and each run nearly cancels the
+    last so the accumulators stay small: a budget one larger would saturate a lane by 128, which
+    this requantization (1/64 per unit, outputs centred) turns into wrong outputs."""
+    case = Case("sign_runs", 1, 64, 4, 9, 16, (1, 1))
+    rng = np.random.default_rng(37)
+    weight = sign_run_weight(16, 64, rng).reshape(case.weight_shape)
+    x_zero_point = -128 if x_signed else 0
+    params = QuantParams(np.float32(0.02), x_zero_point, np.full(16, 0.390625, np.float32), np.float32(0.5), 128,
+                         x_signed, False)
+    x = np.full((1, 64, 4, 9), 127 if x_signed else 255, np.int8 if x_signed else np.uint8)
+    x[..., 3, 8] = x_zero_point  # one pixel at the zero point: output = bias alone
+    bias = rng.integers(-200, 200, 16).astype(np.int32)
+    expected = reference_qlinear_conv(case, params, x, weight, bias)
+    assert 16 < len(np.unique(expected)) and expected.min() > 0 and expected.max() < 255  # not saturated
+    np.testing.assert_array_equal(make_conv_q8(case, params, weight, bias).run(x), expected)
+
+
 def test_conv_q8_huge_fan_in_takes_the_int16_path(simd):
     """255 * sum |w| >= 2**31 on a row: uncentered uint8 sums could overflow int32, so the
     vpmaddubsw path must not be used (the centered int16 path still is exact)."""

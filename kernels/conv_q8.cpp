@@ -39,6 +39,11 @@ constexpr int64_t kChunk = 16;
 constexpr int64_t kTileTarget = 896;    // wide pixels per work item, at most
 constexpr int64_t kTileBytes = 262144;  // input bytes of one tile (vpmaddubsw path), over all channels
 constexpr int64_t kMaxFloatShift = 42;
+// The AVX2 epilogues may read this many accumulators past the end of a run. The scratch rows of
+// both run functions hold max_tile + 2 chunks, the accumulators starting one chunk in, so at least
+// one chunk (16 or 32) follows any run.
+constexpr int64_t kTailSlack = 8;
+static_assert(kChunk >= kTailSlack, "scratch rows must have room for the epilogue's tail reads");
 
 int64_t shift_round_half_even(int64_t value, int64_t shift) {
     if (shift == 0) return value;
@@ -167,6 +172,7 @@ void chunk1_avx2(const int16_t* x, const int64_t* offsets, int64_t pairs, const 
 // after each group the int16 sums are widened to int32 (even pixels: vpmaddwd with (1, 0); odd
 // pixels: arithmetic shift right by 16).
 constexpr int64_t kChunkU8 = 32;
+static_assert(kChunkU8 >= kTailSlack, "scratch rows must have room for the epilogue's tail reads");
 
 #define ONNXSPARSE_PAIR_STEP(s, wp) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v, _mm256_set1_epi32(*(wp))))
 #define ONNXSPARSE_WIDEN(e, o, s) \
@@ -255,10 +261,11 @@ __m128i widen4(const YT* values) {
     return std::is_signed<YT>::value ? _mm_cvtepi8_epi32(bytes) : _mm_cvtepu8_epi32(bytes);
 }
 
-// Without a fused add: t = (acc + bias) * M in float32, relative error < 2**-22, so |error| < 2**-12
-// once t is clamped to the output range (|t| < 512). Where t lies at least 2**-11 from every
-// k + 1/2, rounding t gives exactly R(acc); the rare vectors with a lane closer than that take
-// the exact int64 path.
+// Without a fused add: t = (acc + bias) * M in float32. Three roundings (acc + bias to float, M to
+// float, the product) give a relative error below 3.1 * 2**-24; where it matters, the exact value
+// lies within the output range (|.| <= 256), so |error| < 2**-14.3. Where t lies more than 2**-13
+// from every k + 1/2, rounding t gives exactly R(acc); the rare vectors with a lane closer than
+// that (about 1 lane in 4000) take the exact int64 path.
 template <typename YT>
 void epilogue_float_avx2(const int32_t* acc, YT* y, const Requant& q, int64_t length) {
     const __m256i bias = _mm256_set1_epi32(static_cast<int32_t>(q.bias));
@@ -266,7 +273,7 @@ void epilogue_float_avx2(const int32_t* acc, YT* y, const Requant& q, int64_t le
     const __m256 mult = _mm256_set1_ps(static_cast<float>(q.real_multiplier));
     const __m256 low = _mm256_set1_ps(static_cast<float>(q.low - q.y_zero_point));
     const __m256 high = _mm256_set1_ps(static_cast<float>(q.high - q.y_zero_point));
-    const __m256 safe = _mm256_set1_ps(0.5f - 1.0f / 2048.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 safe = _mm256_set1_ps(0.5f - 1.0f / 8192.0f), sign = _mm256_set1_ps(-0.0f);
     auto eight = [&](const int32_t* acc8, YT* y8) {
         const __m256i a = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc8)), bias);
         __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(a), mult);
@@ -305,21 +312,24 @@ void epilogue_float_avx2(const int32_t* acc, YT* y, const Requant& q, int64_t le
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm256_permutevar8x32_epi32(bytes, order));
     }
     for (; i + 8 <= length; i += 8) eight(acc + i, y + i);
-    if (i < length) {  // the tail through 8-lane temporaries (the zero lanes are computed and dropped)
-        int32_t acc8[8] = {};
-        YT y8[8];
-        std::memcpy(acc8, acc + i, (length - i) * sizeof(int32_t));
-        eight(acc8, y8);
-        std::memcpy(y + i, y8, (length - i) * sizeof(YT));
-    }
+    if (i == length) return;
+    // The last 1-7 outputs (every row of a 7-, 14- or 28-wide output ends with some). A run of 8 or
+    // more recomputes its last 8 (the same values again); a shorter run reads 8 accumulators, which
+    // the callers' scratch rows allow (kTailSlack), and writes only its own outputs.
+    if (length >= 8) return eight(acc + length - 8, y + length - 8);
+    YT y8[8];
+    eight(acc + i, y8);
+    for (int64_t k = i; k < length; ++k) y[k] = y8[k - i];
 }
 
 // With a fused add, in float32 (used when the add's scales keep the error small, see
 // float_add_ok): r = R(acc) clamped as above (exact, same tie test), then
 // t = r * A + (residual - z_r) * B with A = factor_conv * 2**-shift and B = factor_residual *
-// 2**-shift rounded to float32. r and the centered residual are integers below 256 in magnitude,
-// so |error| <= 2**-22 * (255 * (A + B) + 512) < 2**-11 when A + B < 6; lanes closer than that to
-// a rounding boundary again take the exact int64 path.
+// 2**-shift rounded to float32. r and the centered residual are integers of magnitude <= 255, and
+// A, B, the two products and the sum are each rounded once (relative 2**-24), so |error| <=
+// 3 * 2**-24 * 255 * (A + B): below 2**-13.4 when A + B < 2 (the usual case: the sum's scale is
+// the larger), below 2**-11.7 when A + B < 6. Lanes closer than 2**-13 (A + B < 2) or 2**-11 to a
+// rounding boundary again take the exact int64 path.
 template <typename YT>
 void epilogue_add_float_avx2(const int32_t* acc, YT* y, const YT* residual, const Requant& q, int64_t length) {
     const __m256i bias = _mm256_set1_epi32(static_cast<int32_t>(q.bias));
@@ -333,7 +343,10 @@ void epilogue_add_float_avx2(const int32_t* acc, YT* y, const YT* residual, cons
     const __m256 factor_residual = _mm256_set1_ps(static_cast<float>(q.add->factor_residual) * scale);
     const __m256i residual_zp = _mm256_set1_epi32(static_cast<int32_t>(q.add->residual_zero_point));
     const __m256i out_zp = _mm256_set1_epi32(static_cast<int32_t>(q.add->out_zero_point));
-    const __m256 safe = _mm256_set1_ps(0.5f - 1.0f / 2048.0f), sign = _mm256_set1_ps(-0.0f);
+    const float a_plus_b =
+        static_cast<float>(q.add->factor_conv) * scale + static_cast<float>(q.add->factor_residual) * scale;
+    const __m256 safe = _mm256_set1_ps(0.5f - 1.0f / 8192.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 safe_add = _mm256_set1_ps(a_plus_b < 2.0f ? 0.5f - 1.0f / 8192.0f : 0.5f - 1.0f / 2048.0f);
     constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     auto eight = [&](const int32_t* acc8, const YT* res8, YT* y8) {
         const __m256i a = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc8)), bias);
@@ -346,7 +359,7 @@ void epilogue_add_float_avx2(const int32_t* acc, YT* y, const YT* residual, cons
         __m256 t2 = _mm256_fmadd_ps(r, factor_conv, _mm256_mul_ps(centered, factor_residual));
         t2 = _mm256_min_ps(_mm256_max_ps(t2, add_low), add_high);
         const __m256 r2 = _mm256_round_ps(t2, kRound);
-        near = _mm256_or_ps(near, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(t2, r2)), safe, _CMP_GT_OQ));
+        near = _mm256_or_ps(near, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(t2, r2)), safe_add, _CMP_GT_OQ));
         if (_mm256_movemask_ps(near)) {
             epilogue_scalar(acc8, y8, res8, q, 8);
             return;
@@ -356,16 +369,21 @@ void epilogue_add_float_avx2(const int32_t* acc, YT* y, const YT* residual, cons
         const __m128i bytes = std::is_signed<YT>::value ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);
         _mm_storel_epi64(reinterpret_cast<__m128i*>(y8), bytes);
     };
-    int64_t i = 0;
-    for (; i + 8 <= length; i += 8) eight(acc + i, residual + i, y + i);
-    if (i < length) {  // the tail through 8-lane temporaries
-        int32_t acc8[8] = {};
-        YT res8[8] = {}, y8[8];
-        std::memcpy(acc8, acc + i, (length - i) * sizeof(int32_t));
-        std::memcpy(res8, residual + i, (length - i) * sizeof(YT));
-        eight(acc8, res8, y8);
-        std::memcpy(y + i, y8, (length - i) * sizeof(YT));
+    // The last 1-7 outputs as in epilogue_float_avx2, but y may be the residual itself: a run of 8
+    // or more computes its last 8 before the loop overwrites any residual and stores them after it.
+    const int64_t full = length & ~int64_t(7);
+    YT last[8];
+    if (full != length && length >= 8) eight(acc + length - 8, residual + length - 8, last);
+    for (int64_t i = 0; i < full; i += 8) eight(acc + i, residual + i, y + i);
+    if (full == length) return;
+    if (length >= 8) {
+        std::memcpy(y + length - 8, last, sizeof(last));
+        return;
     }
+    YT res8[8] = {};
+    for (int64_t k = 0; k < length; ++k) res8[k] = residual[k];
+    eight(acc, res8, last);
+    for (int64_t k = 0; k < length; ++k) y[k] = last[k];
 }
 
 template <typename YT>

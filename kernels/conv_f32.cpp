@@ -129,7 +129,14 @@ void epilogue_avx2(const float* acc, float* y, const float* residual, float bias
         v = _mm256_min_ps(vhigh, _mm256_max_ps(vlow, v));  // NaN passes through
         _mm256_storeu_ps(y + i, v);
     }
-    epilogue_scalar(acc + i, y + i, residual ? residual + i : nullptr, bias, low, high, length - i);
+    if (i == length) return;
+    // the last 1-7 outputs of a row (7-, 14- and 28-wide outputs end with some): masked loads and
+    // stores touch only the run's own elements
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(length - i)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 v = _mm256_add_ps(_mm256_maskload_ps(acc + i, mask), vbias);
+    if (residual) v = _mm256_add_ps(v, _mm256_maskload_ps(residual + i, mask));
+    _mm256_maskstore_ps(y + i, mask, _mm256_min_ps(vhigh, _mm256_max_ps(vlow, v)));
 }
 
 // Vectorized over the block's rows (8 per ymm), two terms at a time into separate accumulators.

@@ -216,7 +216,21 @@ def test_qlinear_average_pool_window_geometry_agrees_with_onnxruntime(geometry, 
     inputs = [g.input("x", np.int8, [1, 2, *geometry["size"]]), *g.quant_params("x", 0.0314, 3, np.int8),
               *g.quant_params("y", 0.0217, -5, np.int8)]
     model = g.model(g.node("QLinearAveragePool", inputs, "y", domain=MS, **attrs))
-    assert_agrees_with_onnxruntime(model, {"x": random_activation(rng, np.int8, (1, 2, *geometry["size"]))})
+    x = random_activation(rng, np.int8, (1, 2, *geometry["size"]))
+    [(ours, theirs)] = run_both(model, {"x": x})
+    # Where they differ (by at most 1), the real value must lie at a rounding tie that onnxruntime's
+    # float32 arithmetic decides: mean(x - 3) * scale ratio, the mean from a float AveragePool of the
+    # same window geometry (within 1e-5). Equal window sums repeat a tie, so no count of differences
+    # is safe.
+    average = helper.make_graph([helper.make_node("AveragePool", ["x"], ["y"], **attrs)], "average",
+                                [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                                [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    average_model = helper.make_model(average, opset_imports=[helper.make_opsetid("", 19)], ir_version=8)
+    mean = onnxruntime_session(average_model).run(None, {"x": x.astype(np.float32) - 3})[0]
+    real = mean.astype(np.float64) * float(np.float32(0.0314)) / float(np.float32(0.0217))
+    differing = ours != theirs
+    assert np.abs(ours.astype(np.int64) - theirs.astype(np.int64)).max(initial=0) <= 1
+    assert np.all(np.abs(np.abs(real[differing] % 1.0) - 0.5) < 1e-3), real[differing]
 
 
 @pytest.mark.parametrize("weight_type, weight_zero_point",

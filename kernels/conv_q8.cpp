@@ -323,7 +323,7 @@ void epilogue_float_avx2(const int32_t* acc, YT* y, const Requant& q, int64_t le
 }
 
 // With a fused add, in float32 (used when the add's scales keep the error small, see
-// float_add_ok): r = R(acc) clamped as above (exact, same tie test), then
+// ConvQ8Kernel::set_residual_add): r = R(acc) clamped as above (exact, same tie test), then
 // t = r * A + (residual - z_r) * B with A = factor_conv * 2**-shift and B = factor_residual *
 // 2**-shift rounded to float32. r and the centered residual are integers of magnitude <= 255, and
 // A, B, the two products and the sum are each rounded once (relative 2**-24), so |error| <=
@@ -339,14 +339,13 @@ void epilogue_add_float_avx2(const int32_t* acc, YT* y, const YT* residual, cons
     const __m256 add_low = _mm256_set1_ps(static_cast<float>(q.low - q.add->out_zero_point));
     const __m256 add_high = _mm256_set1_ps(static_cast<float>(q.high - q.add->out_zero_point));
     const float scale = std::ldexp(1.0f, -static_cast<int>(q.add->shift));
-    const __m256 factor_conv = _mm256_set1_ps(static_cast<float>(q.add->factor_conv) * scale);
-    const __m256 factor_residual = _mm256_set1_ps(static_cast<float>(q.add->factor_residual) * scale);
+    const float a = static_cast<float>(q.add->factor_conv) * scale;  // A and B of the error bound
+    const float b = static_cast<float>(q.add->factor_residual) * scale;
+    const __m256 factor_conv = _mm256_set1_ps(a), factor_residual = _mm256_set1_ps(b);
     const __m256i residual_zp = _mm256_set1_epi32(static_cast<int32_t>(q.add->residual_zero_point));
     const __m256i out_zp = _mm256_set1_epi32(static_cast<int32_t>(q.add->out_zero_point));
-    const float a_plus_b =
-        static_cast<float>(q.add->factor_conv) * scale + static_cast<float>(q.add->factor_residual) * scale;
     const __m256 safe = _mm256_set1_ps(0.5f - 1.0f / 8192.0f), sign = _mm256_set1_ps(-0.0f);
-    const __m256 safe_add = _mm256_set1_ps(a_plus_b < 2.0f ? 0.5f - 1.0f / 8192.0f : 0.5f - 1.0f / 2048.0f);
+    const __m256 safe_add = _mm256_set1_ps(a + b < 2.0f ? 0.5f - 1.0f / 8192.0f : 0.5f - 1.0f / 2048.0f);
     constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     auto eight = [&](const int32_t* acc8, const YT* res8, YT* y8) {
         const __m256i a = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc8)), bias);

@@ -185,10 +185,14 @@ def test_pack_auto_records_measured_choices_per_layer_and_for_the_whole_model(di
     assert main(["pack", str(source), str(target), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     choices = {t["node"]: t["kernel"] for t in document["tensors"]}
-    assert choices["/conv1/Conv"]["kernel"] == "dense" and choices["/conv1/Conv"]["reason"] == "no zeros"
     variant = choices["/conv2/Conv"]["model_variant"]
-    assert variant in ("per layer", "all sparse", "all dense")
-    assert set(choices["/conv2/Conv"]["model_ms"]) == {"per layer", "all sparse", "all dense"}
+    assert variant in ("per layer", "all sparse", "all native", "all dense")
+    # conv1 has no zeros: measured in the whole model only, native with the rest in "all native"
+    assert set(choices["/conv2/Conv"]["model_ms"]) == {"per layer", "all sparse", "all native", "all dense"}
+    if variant == "all native":
+        assert choices["/conv1/Conv"]["kernel"] == "sparse" and choices["/conv1/Conv"]["reason"].startswith("no zeros;")
+    else:
+        assert choices["/conv1/Conv"]["kernel"] == "dense" and choices["/conv1/Conv"]["reason"] == "no zeros"
     for name, choice in choices.items():
         assert choice["kernel"] in ("sparse", "dense") and choice["model_variant"] == variant
         if choice["kernel"] == "sparse" and variant == "per layer":
@@ -197,6 +201,34 @@ def test_pack_auto_records_measured_choices_per_layer_and_for_the_whole_model(di
             assert choice["kernel"] == "dense"
     session = InferenceSession(str(target))
     assert set(session.plan.sparse_layers) == {name for name, c in choices.items() if c["kernel"] == "sparse"}
+
+
+def test_the_all_native_variant_runs_layers_without_zeros_natively(digits_model, digits_test):
+    from onnxsparse.runtime.costmodel import NO_ZEROS, model_variants
+
+    model = onnxsparse.prune(digits_model, "1x16", 0.75)
+    weights = {ref.node_name: ref.tensor_name for ref in model_io.find_weights(model)}
+    index = model_io.GraphIndex(model)
+    without_zeros = {name for name, w in weights.items() if np.all(index.constant(w) != 0)}
+    assert without_zeros == {"/conv1/Conv", "/fc2/Gemm"}  # the pruner leaves the first and last layers alone
+
+    def recorded(node):  # what pack --kernels auto records before the whole-model measurement
+        if node.name in without_zeros:
+            return {"kernel": "dense", "reason": NO_ZEROS, "sparse_ms": None, "dense_ms": None}
+        return {"kernel": "sparse", "reason": "test", "sparse_ms": 1.0, "dense_ms": 2.0}
+
+    variants = model_variants(packed(model, recorded))
+    assert list(variants) == ["per layer", "all sparse", "all native", "all dense"]
+    feeds = {"input": digits_test.inputs[:5]}
+    expected = ort_outputs(model, feeds)[0]
+    for name, variant in variants.items():
+        session = InferenceSession(variant, threads=2)
+        native = set(session.plan.sparse_layers)
+        assert native == {"all dense": set(), "all native": set(weights)}.get(name, set(weights) - without_zeros), name
+        assert_close(session.run(None, feeds)[0], expected)
+    # without a layer that has no zeros there is nothing for "all native" to add
+    everything_sparse = packed(model, lambda node: {"kernel": "sparse", "reason": "test", "sparse_ms": 1.0})
+    assert list(model_variants(everything_sparse)) == ["per layer", "all sparse", "all dense"]
 
 
 def test_the_cost_model_measures_integer_layers_past_a_residual_add():

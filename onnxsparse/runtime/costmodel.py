@@ -27,6 +27,10 @@ from onnxsparse.runtime.bench import SETTLE_SECONDS
 # Sparse runs only when it takes at most this fraction of the dense time.
 WIN_MARGIN = 0.85
 ROUNDS = 9
+# A layer without zeros runs dense unless the whole model runs faster with it in the native kernels
+# (the "all native" variant of choose_for_model).
+NO_ZEROS = "no zeros"
+NATIVE_WITHOUT_ZEROS = "no zeros; native with the rest of the model (all native was faster)"
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class KernelChooser:
 
         weight = self.lookups.constant(node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") else node.input[3])
         if weight is not None and np.count_nonzero(weight) == weight.size:
-            return KernelChoice("dense", "no zeros")
+            return KernelChoice("dense", NO_ZEROS)
         layer = _layer_model(self.model, self.lookups, node, self.shapes, self.types)
         if layer is None:
             return KernelChoice("dense", "input shape unknown")
@@ -172,22 +176,37 @@ def _with_kernels(model: onnx.ModelProto, kernel_of) -> onnx.ModelProto:
     return _with_records(model, lambda r: {**r, "kernel": kernel_of(r)})
 
 
+def _native_without_zeros(record: dict) -> dict:
+    return {**record, "kernel": "sparse", "reason": NATIVE_WITHOUT_ZEROS} if record.get("reason") == NO_ZEROS else record
+
+
+def model_variants(packed: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
+    """The packed model as measured per layer, all sparse, all native (only when some layer has no
+    zeros) and all dense, in that order."""
+    variants = {
+        "per layer": packed,
+        "all sparse": _with_kernels(packed, lambda r: "sparse" if r.get("sparse_ms") is not None else r["kernel"]),
+    }
+    if any(r.get("reason") == NO_ZEROS for r in _records(packed).values()):
+        variants["all native"] = _with_records(variants["all sparse"], _native_without_zeros)
+    variants["all dense"] = _with_kernels(packed, lambda r: "dense")
+    return variants
+
+
 def choose_for_model(packed: onnx.ModelProto, threads: int = 2, rounds: int = 15) -> ModelChoice:
     """Settle the per-layer choices on the whole model: per-layer winners can lose together (each
     dense layer between sparse ones splits a region and its copies; onnxruntime's threads then run
-    without spinning), so three variants run end to end, interleaved (odd rounds in reverse) — as
-    measured per layer, every layer that has a native kernel sparse, and all dense (plain
-    onnxruntime) — and the one with the largest speed-up over all dense (the median over rounds of
+    without spinning), so the variants run end to end, interleaved (odd rounds in reverse) — as
+    measured per layer, every layer that has a native kernel sparse, the same with the layers
+    without zeros in the native kernels too (when there are any: a dense stem convolution in front
+    of a region costs more in onnxruntime, whose threads do not spin there, than in the region),
+    and all dense (plain onnxruntime) — and the one with the largest speed-up over all dense (the median over rounds of
     each round's ratio, as bench reports) is kept if it beats all dense by the same margin as a
     layer must and wins at least three rounds in four. All dense being the default is what keeps
     a packed model from running slower than dense onnxruntime."""
     from onnxsparse.runner import random_inputs, runtime_session
 
-    variants = {
-        "per layer": packed,
-        "all sparse": _with_kernels(packed, lambda r: "sparse" if r.get("sparse_ms") is not None else r["kernel"]),
-        "all dense": _with_kernels(packed, lambda r: "dense"),
-    }
+    variants = model_variants(packed)
     feeds = random_inputs(packed)
     sessions = {name: runtime_session(model, threads) for name, model in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}

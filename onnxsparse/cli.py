@@ -455,7 +455,8 @@ def pack(input_path, output_path, encoding, huffman, mcbbs_window, kernels, thre
         stdout.print(f"note: {note}")
     if settled is not None:
         times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in settled.times_ms.items())
-        stdout.print(f"whole model on this machine (median ms of 15 interleaved runs): {times}; kept: {settled.chosen}")
+        stdout.print(f"whole model on this machine (median ms of {settled.rounds} interleaved runs): {times}; "
+                     f"kept: {settled.chosen}")
     stdout.print(f"packed {len(result.tensors)} tensors; wrote {output_path} "
                  f"({_bytes(Path(output_path).stat().st_size)}, input {_bytes(Path(input_path).stat().st_size)}) "
                  f"in {elapsed:.1f} s")

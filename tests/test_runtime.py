@@ -316,6 +316,26 @@ def test_speedups_are_medians_of_per_round_ratios():
     assert round_speedups(samples) == {"ort": 2.0}
 
 
+def test_the_whole_model_decision_keeps_a_variant_only_past_the_margin():
+    from onnxsparse.runtime.costmodel import decide
+
+    dense = [60.0, 62.0, 58.0, 61.0, 90.0, 59.0, 60.0, 63.0]
+
+    def variant(speedup, slow_rounds=()):
+        return [d / (0.5 if i in slow_rounds else speedup) for i, d in enumerate(dense)]
+
+    # a clear win is kept at once; the best of several wins
+    assert decide({"all sparse": variant(2.0), "all native": variant(2.2), "all dense": dense}) == ("all native", False)
+    # 1.25x is past the margin (1/0.85 = 1.18) but close to it: kept, and measured again
+    assert decide({"all sparse": variant(1.25), "all dense": dense}) == ("all sparse", True)
+    # 1.1x is below the margin, close to it: all dense, and measured again
+    assert decide({"all sparse": variant(1.1), "all dense": dense}) == ("all dense", True)
+    # fast in most rounds but slower than dense in 3 of 8 (the lower quartile below 1): all dense
+    assert decide({"all sparse": variant(2.0, slow_rounds=(1, 3, 6)), "all dense": dense}) == ("all dense", False)
+    assert decide({"all sparse": variant(0.7), "all dense": dense}) == ("all dense", False)
+    assert decide({"all dense": dense}) == ("all dense", False)
+
+
 def test_hostile_packed_tensors_stop_at_the_reader(digits_integer, tmp_path, capsys):
     good = packed(digits_integer)
     for position in (20, 40, -3):

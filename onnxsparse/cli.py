@@ -489,7 +489,9 @@ def print_packed(tensors, title: str) -> None:
                _bytes(info.total_bytes), f"{fp32 / max(info.total_bytes, 1):.1f}x"]
         if choices:
             choice = tensor.kernel_choice or {}
-            row.append(f"{choice.get('kernel', '?')} ({choice.get('reason', '')})")
+            variant = choice.get("model_variant")  # the whole-model measurement overrides the layer's own
+            settled = f"; whole model: {variant}" if variant and variant != "per layer" else ""
+            row.append(f"{choice.get('kernel', '?')} ({choice.get('reason', '')}{settled})")
         table.add_row(*row)
     table.add_section()
     table.add_row(f"total ({len(tensors)} tensors)", "", "", "", "", _bytes(total_packed),

@@ -114,6 +114,50 @@ def test_chains_that_feed_each_other_share_one_region(digits_model):
     assert len(custom) == 2 and not left & {"Conv", "Relu", "Gemm", "MaxPool"}, left
 
 
+@pytest.mark.parametrize("integer", [False, True], ids=["float", "integer"])
+def test_regions_replay_their_first_run_with_the_same_results(digits_model, digits_integer, digits_test, integer):
+    model = digits_integer if integer else onnxsparse.prune(digits_model, "1x16", 0.75)
+    session = InferenceSession(packed(model), threads=2)
+    region = session.plan.partition.regions[0]
+    assert len(region.chains) >= 6
+
+    def expected(feeds):
+        return run_reference(model, feeds)[0] if integer else ort_outputs(model, feeds)[0]
+
+    def check(got, want):
+        if integer:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert_close(got, want)
+
+    inputs = digits_test.inputs
+    first = session.run(None, {"input": inputs[:3]})[0]
+    assert list(region._recorded) == [((3, 1, 8, 8),)]  # the first run recorded its buffers
+    kept = first.copy()
+    for batch in (inputs[3:6], inputs[6:9], inputs[:5], inputs[9:14]):  # replays, and a new batch size
+        feeds = {"input": batch}
+        check(session.run(None, feeds)[0], expected(feeds))
+    np.testing.assert_array_equal(first, kept)  # an earlier result is never written over
+    assert set(region._recorded) == {((3, 1, 8, 8),), ((5, 1, 8, 8),)}
+    # the region called directly: the replayed run equals the planned one, and a call that finds
+    # the recorded arrays in use plans its own
+    x = np.ascontiguousarray(inputs[:3]) if not integer else None
+    if x is not None:
+        planned = [a.copy() for a in region._planned((x,), ((3, 1, 8, 8),))]
+        replayed = region(x)
+        for a, b in zip(planned, replayed):
+            np.testing.assert_array_equal(a, b)
+        with region._replaying:
+            for a, b in zip(planned, region(x)):
+                np.testing.assert_array_equal(a, b)
+        # what a call returned stays as it was through the next calls
+        before = region(x)
+        copies = [a.copy() for a in before]
+        region(np.ascontiguousarray(inputs[3:6]))
+        for a, b in zip(before, copies):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_an_integer_max_pool_joins_the_region_unless_the_kernel_cannot_take_it(digits_integer, digits_test):
     feeds = {"input": digits_test.inputs[:6]}
     session = InferenceSession(packed(digits_integer), threads=2)

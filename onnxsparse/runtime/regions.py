@@ -10,6 +10,7 @@ would then wait on itself).
 from __future__ import annotations
 
 import heapq
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,14 @@ class Region:
     cache: into its residual when the residual dies there (the kernels read each residual element
     before writing that output element), else into a dead intermediate of the same shape and type
     (the most recently freed first). Writing a fresh allocation instead reads every output line
-    from memory first; 1.02-1.10x on packed ResNet-50 at 80% (docs/RUNTIME.md)."""
+    from memory first; 1.02-1.10x on packed ResNet-50 at 80% (docs/RUNTIME.md).
+
+    The first run for a set of input shapes makes those choices and records them: the later runs
+    with the same shapes write into the same intermediate arrays, kept by the region, in a loop
+    with no planning left (docs/RUNTIME.md, "Reuse memory"). A run that finds the recorded arrays
+    in use (a concurrent call) plans its own."""
+
+    replay = True  # False: plan every run (for comparisons)
 
     chains: list[Chain] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
@@ -59,10 +67,36 @@ class Region:
                         and last_use[chain.residual] == position)
             self._plan.append((chain, tuple((name, name in recyclable) for name in dying), in_place))
         self._output_shapes: dict[tuple, tuple] = {}  # (position, input shape) -> output shape
+        # slots: the region's inputs, then each chain's output
+        slot = {name: index for index, name in enumerate(self.inputs)}
+        slot.update({chain.output: len(self.inputs) + position for position, chain in enumerate(self.chains)})
+        self._slots = [(slot[chain.input], slot[chain.residual] if chain.residual else -1) for chain in self.chains]
+        self._output_slots = [slot[name] for name in self.outputs]
+        self._recorded: dict[tuple, list] = {}  # input shapes -> per chain (run, out array or None)
+        self._replaying = threading.Lock()
 
     def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        key = tuple(array.shape for array in arrays)
+        recorded = self._recorded.get(key) if self.replay else None
+        if recorded is None or not self._replaying.acquire(blocking=False):
+            return self._planned(arrays, key)
+        try:
+            values = [np.ascontiguousarray(array) for array in arrays] + [None] * len(self.chains)
+            position = len(self.inputs)
+            for (run, out), (x_slot, residual_slot) in zip(recorded, self._slots):
+                values[position] = run(values[x_slot], values[residual_slot] if residual_slot >= 0 else None, out)
+                position += 1
+            return tuple(values[slot] for slot in self._output_slots)
+        except ValueError as exc:  # the kernels' argument checks: name the node
+            raise ValueError(f"node {self.chains[position - len(self.inputs)].label}: {exc}") from exc
+        finally:
+            self._replaying.release()
+
+    def _planned(self, arrays, key) -> tuple[np.ndarray, ...]:
+        """Plan the run as it goes; the first run for these input shapes records its choices."""
         values = dict(zip(self.inputs, arrays))
         spare: dict[tuple, list[np.ndarray]] = {}  # dead intermediates by (shape, dtype), newest last
+        written: list[np.ndarray] = []
         for position, (chain, dying, in_place) in enumerate(self._plan):
             x, residual = values[chain.input], values[chain.residual] if chain.residual else None
             try:
@@ -70,10 +104,21 @@ class Region:
                 values[chain.output] = chain.run(x, residual, out)
             except ValueError as exc:  # the kernels' argument checks: name the node
                 raise ValueError(f"node {chain.label}: {exc}") from exc
+            written.append(values[chain.output])
             for name, recyclable in dying:
                 dead = values.pop(name)
                 if recyclable and dead is not out:
                     spare.setdefault((dead.shape, dead.dtype), []).append(dead)
+        if self.replay and key not in self._recorded:
+            # matrix chains (their output is a 2-D view) and the region's outputs (handed to the
+            # caller) get fresh arrays; every other chain writes into the array it wrote this time
+            # (nor an array handed out this time: the next run would overwrite the caller's result)
+            outputs = set(self.outputs)
+            handed_out = {id(values[name]) for name in self.outputs}
+            self._recorded[key] = [
+                (chain.run, None) if chain.matrix else
+                (chain.kernel.run, None if chain.output in outputs or id(array) in handed_out else array)
+                for chain, array in zip(self.chains, written)]
         return tuple(values[name] for name in self.outputs)
 
     def _spare(self, position: int, chain: Chain, x: np.ndarray, spare: dict) -> np.ndarray | None:

@@ -368,8 +368,9 @@ def test_the_whole_model_decision_keeps_a_variant_only_past_the_margin():
     def variant(speedup, slow_rounds=()):
         return [d / (0.5 if i in slow_rounds else speedup) for i, d in enumerate(dense)]
 
-    # a clear win is kept at once; the best of several wins
-    assert decide({"all sparse": variant(2.0), "all native": variant(2.2), "all dense": dense}) == ("all native", False)
+    # a clear win is kept at once; the best of several wins, measured again when a rival is close
+    assert decide({"all sparse": variant(1.8), "all native": variant(2.2), "all dense": dense}) == ("all native", False)
+    assert decide({"all sparse": variant(2.1), "all native": variant(2.2), "all dense": dense}) == ("all native", True)
     # 1.25x is past the margin (1/0.85 = 1.18) but close to it: kept, and measured again
     assert decide({"all sparse": variant(1.25), "all dense": dense}) == ("all sparse", True)
     # 1.1x is below the margin, close to it: all dense, and measured again

@@ -144,7 +144,7 @@ class ModelChoice:
     chosen: str
     times_ms: dict[str, float]
     records: dict[str, dict]  # node name -> its execution record
-    rounds: int = 0  # rounds measured per variant
+    rounds: int  # rounds measured per variant
 
 
 def _records(model: onnx.ModelProto) -> dict[str, dict]:
@@ -204,8 +204,8 @@ def choose_for_model(packed: onnx.ModelProto, threads: int = 2, rounds: int = 15
     and all dense (plain onnxruntime) — and the one with the largest speed-up over all dense (the
     median over rounds of each round's ratio, as bench reports) is kept if it beats all dense by
     the same margin as a layer must and wins at least three rounds in four (`decide`); when that is
-    close, as many rounds again, and the decision is made on all of them. All dense being the default is what keeps a packed model from running
-    slower than dense onnxruntime."""
+    close, as many rounds again, and the decision is made on all of them. All dense being the
+    default is what keeps a packed model from running slower than dense onnxruntime."""
     from onnxsparse.runner import random_inputs, runtime_session
 
     variants = model_variants(packed)

@@ -35,7 +35,7 @@ class Region:
 
     The first run for a set of input shapes makes those choices and records them: the later runs
     with the same shapes write into the same intermediate arrays, kept by the region, in a loop
-    with no planning left (docs/RUNTIME.md, "Reuse memory"). A run that finds the recorded arrays
+    with no planning left (docs/RUNTIME.md, "Replay"). A run that finds the recorded arrays
     in use (a concurrent call) plans its own."""
 
     replay = True  # False: plan every run (for comparisons)
@@ -110,14 +110,13 @@ class Region:
                 if recyclable and dead is not out:
                     spare.setdefault((dead.shape, dead.dtype), []).append(dead)
         if self.replay and key not in self._recorded:
-            # matrix chains (their output is a 2-D view) and the region's outputs (handed to the
-            # caller) get fresh arrays; every other chain writes into the array it wrote this time
-            # (nor an array handed out this time: the next run would overwrite the caller's result)
-            outputs = set(self.outputs)
+            # matrix chains (their output is a 2-D view) get fresh arrays, and so does every chain
+            # that wrote an array handed to the caller (a region output, or memory one reused: the
+            # next run would overwrite the caller's result); every other chain writes into the
+            # array it wrote this time
             handed_out = {id(values[name]) for name in self.outputs}
             self._recorded[key] = [
-                (chain.run, None) if chain.matrix else
-                (chain.kernel.run, None if chain.output in outputs or id(array) in handed_out else array)
+                (chain.run, None) if chain.matrix else (chain.kernel.run, None if id(array) in handed_out else array)
                 for chain, array in zip(self.chains, written)]
         return tuple(values[name] for name in self.outputs)
 

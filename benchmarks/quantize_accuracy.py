@@ -14,6 +14,7 @@ speed:  quantizing materialized ResNet-50 with 32 calibration images, both tools
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -46,8 +47,15 @@ class _Reader(CalibrationDataReader):
 def ort_quantize(model: onnx.ModelProto, name: str, batches: list[np.ndarray], folder: Path, **options) -> onnx.ModelProto:
     source, target = folder / "float.onnx", folder / "ort_quantized.onnx"
     onnx.save(model, str(source))
-    quantize_static(str(source), str(target), _Reader(name, batches), quant_format=QuantFormat.QDQ,
-                    per_channel=True, **options)
+    # onnxruntime's symbolic shape inference saves sym_shape_infer_temp.onnx into the working
+    # directory when it gives up: keep that file in the scratch folder.
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        quantize_static(str(source), str(target), _Reader(name, batches), quant_format=QuantFormat.QDQ,
+                        per_channel=True, **options)
+    finally:
+        os.chdir(here)
     return onnx.load(str(target))
 
 

@@ -59,6 +59,7 @@ class ConvQ8Kernel {
     template <typename XT, typename YT>
     void run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w, const YT* residual, YT* y) const;
     void build_u8_encoding(const int8_t* weight);
+    void add_quads(const Block& source, const int8_t* weight);
 
     ConvAttrs attrs_;
     Encoding encoding_;
@@ -80,6 +81,12 @@ class ConvQ8Kernel {
     std::vector<int32_t> u8_groups_;       // pairs per int16 group
     std::vector<int64_t> u8_group_begin_;  // per sub-block: first group (size sub-blocks + 1)
     std::vector<int64_t> u8_sub_begin_;    // per block of encoding_: first sub-block of u8_encoding_
+    // quads: blocks whose 2-row sub-blocks all pair the same terms run two pairs per vpmaddubsw
+    // lane group (kernels/README.md, "Quads"): per block the number of quads (0: not a quad block)
+    // and the first word of its weights, per sub-block, quad and row: bytes (w0, w1, w2, w3)
+    std::vector<int64_t> u8_quads_, u8_quad_begin_;
+    std::vector<int32_t> u8_quad_weights_;
+    int64_t u8_max_quads_ = 0;
     std::vector<int64_t> u8_bias_;
 
     mutable std::mutex u8_cache_mutex_;

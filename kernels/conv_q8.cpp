@@ -253,6 +253,58 @@ void chunk1_u8_avx2(const uint8_t* x, const int64_t* offsets, const int32_t* gro
 #undef ONNXSPARSE_PAIR_STEP
 #undef ONNXSPARSE_WIDEN
 
+// ---- quads: a block's four-term groups packed once per 32-pixel chunk, read by all its sub-blocks ----
+// Packing interleaves the bytes of quad q's four input runs per pixel: vector k of a quad holds the
+// pixels 4k..4k+3 and 16+4k..16+4k+3, four bytes (x0, x1, x2, x3) each. An odd pair count ends
+// with a zero pair (its weights are 0). Returns the packed vectors (4 per quad).
+void pack_quads(const uint8_t* x, const int64_t* offsets, int64_t pairs, __m256i* packed) {
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t pair = 0; pair < pairs; pair += 2, offsets += 4, packed += 4) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[0]));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[1]));
+        const bool full = pair + 1 < pairs;
+        const __m256i c = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[2])) : zero;
+        const __m256i d = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offsets[3])) : zero;
+        const __m256i ab_lo = _mm256_unpacklo_epi8(a, b), ab_hi = _mm256_unpackhi_epi8(a, b);
+        const __m256i cd_lo = _mm256_unpacklo_epi8(c, d), cd_hi = _mm256_unpackhi_epi8(c, d);
+        _mm256_store_si256(packed, _mm256_unpacklo_epi16(ab_lo, cd_lo));
+        _mm256_store_si256(packed + 1, _mm256_unpackhi_epi16(ab_lo, cd_lo));
+        _mm256_store_si256(packed + 2, _mm256_unpacklo_epi16(ab_hi, cd_hi));
+        _mm256_store_si256(packed + 3, _mm256_unpackhi_epi16(ab_hi, cd_hi));
+    }
+}
+
+// 2 rows x 32 pixels from packed quads: per quad and row a broadcast weight word, four vpmaddubsw
+// (exact int16 pair sums: every pair passed the bound) and four vpmaddwd by 1 (the two pair sums
+// of a pixel into int32).
+__attribute__((noinline)) void quads2_u8(const __m256i* packed, int64_t quads, const int32_t* weights, int32_t* out,
+                                         int64_t out_stride) {
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    for (const __m256i* end = packed + 4 * quads; packed != end; packed += 4, weights += 2) {
+        const __m256i v0 = _mm256_load_si256(packed), v1 = _mm256_load_si256(packed + 1);
+        const __m256i v2 = _mm256_load_si256(packed + 2), v3 = _mm256_load_si256(packed + 3);
+        const __m256i w0 = _mm256_set1_epi32(weights[0]), w1 = _mm256_set1_epi32(weights[1]);
+        a00 = _mm256_add_epi32(a00, _mm256_madd_epi16(_mm256_maddubs_epi16(v0, w0), one));
+        a01 = _mm256_add_epi32(a01, _mm256_madd_epi16(_mm256_maddubs_epi16(v1, w0), one));
+        a02 = _mm256_add_epi32(a02, _mm256_madd_epi16(_mm256_maddubs_epi16(v2, w0), one));
+        a03 = _mm256_add_epi32(a03, _mm256_madd_epi16(_mm256_maddubs_epi16(v3, w0), one));
+        a10 = _mm256_add_epi32(a10, _mm256_madd_epi16(_mm256_maddubs_epi16(v0, w1), one));
+        a11 = _mm256_add_epi32(a11, _mm256_madd_epi16(_mm256_maddubs_epi16(v1, w1), one));
+        a12 = _mm256_add_epi32(a12, _mm256_madd_epi16(_mm256_maddubs_epi16(v2, w1), one));
+        a13 = _mm256_add_epi32(a13, _mm256_madd_epi16(_mm256_maddubs_epi16(v3, w1), one));
+    }
+    // back to pixel order: vector k holds pixels 4k..4k+3 (low lane) and 16+4k.. (high lane)
+    auto store = [](int32_t* row, __m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), _mm256_permute2x128_si256(v0, v1, 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 8), _mm256_permute2x128_si256(v2, v3, 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 16), _mm256_permute2x128_si256(v0, v1, 0x31));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 24), _mm256_permute2x128_si256(v2, v3, 0x31));
+    };
+    store(out, a00, a01, a02, a03);
+    store(out + out_stride, a10, a11, a12, a13);
+}
+
 template <typename YT>
 __m128i widen4(const YT* values) {
     int32_t packed;
@@ -534,6 +586,10 @@ void ConvQ8Kernel::build_u8_encoding(const int8_t* weight) {
     u8_encoding_.nonzeros = encoding_.nonzeros;
     u8_group_begin_.assign(1, 0);
     u8_sub_begin_.assign(1, 0);
+    u8_quads_.clear();
+    u8_quad_begin_.clear();
+    u8_quad_weights_.clear();
+    u8_max_quads_ = 0;
     std::vector<int64_t> terms, lengths;
     std::vector<Load> load;
     struct Pair {
@@ -638,8 +694,45 @@ void ConvQ8Kernel::build_u8_encoding(const int8_t* weight) {
             u8_group_begin_.push_back(static_cast<int64_t>(u8_groups_.size()));
         }
         u8_sub_begin_.push_back(static_cast<int64_t>(u8_encoding_.blocks.size()));
+        add_quads(source, weight);
     }
     u8_ok_ = true;
+}
+
+// A block whose 2-row sub-blocks share one pair list (always so with 7-bit weights) also gets
+// quad weights: pairs 2q and 2q + 1 form quad q (an odd count ends with a zero pair), one word per
+// quad and row with the bytes (w0, w1, w2, w3) of its four terms.
+void ConvQ8Kernel::add_quads(const Block& source, const int8_t* weight) {
+    const int64_t first = u8_sub_begin_[u8_sub_begin_.size() - 2], last = u8_sub_begin_.back();
+    const Block& head = u8_encoding_.blocks[first];
+    bool shared = source.stride != 1;
+    for (int64_t sub = first; shared && sub < last; ++sub)
+        shared = u8_encoding_.blocks[sub].stride == 2 && u8_encoding_.blocks[sub].term_begin == head.term_begin;
+    const int64_t pairs = (head.term_end - head.term_begin) / 2, quads = shared ? (pairs + 1) / 2 : 0;
+    u8_quads_.push_back(quads);
+    u8_quad_begin_.push_back(static_cast<int64_t>(u8_quad_weights_.size()));
+    if (!quads) return;
+    u8_max_quads_ = std::max(u8_max_quads_, quads);
+    const int64_t cg = attrs_.channels_per_group, kk = attrs_.kernel_positions();
+    for (int64_t sub = first; sub < last; ++sub) {
+        const Block& part = u8_encoding_.blocks[sub];
+        auto value = [&](int64_t row, int64_t pair, int64_t side) -> uint32_t {
+            if (row >= part.rows || pair >= pairs) return 0;
+            const int64_t* terms = u8_encoding_.terms.data() + part.term_begin + 2 * pair;
+            // a pair with no second term repeats its first: its second weight is 0
+            if (side == 1 && terms[1] == terms[0]) return 0;
+            const int64_t term = terms[side];
+            return static_cast<uint8_t>(weight[((part.out0 + row) * cg + term / kk) * kk + term % kk]);
+        };
+        for (int64_t quad = 0; quad < quads; ++quad)
+            for (int64_t row = 0; row < 2; ++row)
+                u8_quad_weights_.push_back(static_cast<int32_t>(
+                    value(row, 2 * quad, 0) | value(row, 2 * quad, 1) << 8 | value(row, 2 * quad + 1, 0) << 16 |
+                    value(row, 2 * quad + 1, 1) << 24));
+    }
+    // the pair weights of these sub-blocks are not read: drop them
+    u8_weights_.resize(head.weight_begin);
+    for (int64_t sub = first; sub < last; ++sub) u8_encoding_.blocks[sub].weight_begin = head.weight_begin;
 }
 
 void ConvQ8Kernel::set_residual_add(const ResidualAdd& add) {
@@ -701,18 +794,31 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
     const ResidualAdd* add = has_add_ ? &add_ : nullptr;
 
     const int threads = num_threads();
-    cache.reserve_scratch(threads, 16 * row_length);
+    const int64_t scratch_rows = 16 * row_length, packed_ints = 32 * u8_max_quads_;  // a quad: 128 bytes
+    cache.reserve_scratch(threads, scratch_rows + 16 + packed_ints);
     parallel_for(tiling.items, threads, [&](int64_t item, int thread) {
         int32_t* scratch = cache.scratch(thread);
+        __m256i* packed = reinterpret_cast<__m256i*>(scratch + (scratch_rows + 15) / 16 * 16);  // 64-byte aligned
         const int64_t n = item / (tiling.tiles * blocks), tile = item / blocks % tiling.tiles;
         const Block& block = encoding_.blocks[item % blocks];
         const int64_t sub_begin = u8_sub_begin_[item % blocks], sub_end = u8_sub_begin_[item % blocks + 1];
+        const int64_t quads = u8_quads_[item % blocks];
         const int64_t q0 = tiling.tile_begin(tile, geo.wide_pixels);
         const int64_t q1 = tiling.tile_begin(tile + 1, geo.wide_pixels);
         const uint8_t* x_group = input + (n * channels + block.group * attrs_.channels_per_group) * geo.channel_stride;
         for (int64_t q = q0; q < q1; q += kChunkU8) {
             const int64_t start = geo.direct ? std::min(q, geo.wide_pixels - kChunkU8) : q;
             int32_t* out = scratch + (start - q0 + kChunkU8);
+            if (quads) {
+                const Block& head = u8_encoding_.blocks[sub_begin];
+                pack_quads(x_group + start, offsets.data() + head.term_begin, (head.term_end - head.term_begin) / 2,
+                           packed);
+                const int32_t* weights = u8_quad_weights_.data() + u8_quad_begin_[item % blocks];
+                for (int64_t sub = sub_begin; sub < sub_end; ++sub, weights += 2 * quads)
+                    quads2_u8(packed, quads, weights, out + (u8_encoding_.blocks[sub].out0 - block.out0) * row_length,
+                              row_length);
+                continue;
+            }
             for (int64_t sub = sub_begin; sub < sub_end; ++sub) {
                 const Block& part = u8_encoding_.blocks[sub];
                 const int32_t* groups = u8_groups_.data() + u8_group_begin_[sub];

@@ -21,6 +21,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace onnxsparse {
@@ -84,7 +85,14 @@ Geometry make_geometry(const ConvAttrs& attrs, int64_t batch, int64_t channels, 
                        int64_t chunk, bool allow_direct);
 
 // Copy x [N, C, H, W] into the prepared layout (padding and phases), converting each value
-// with `convert`; pads become `pad_value`. Parallel over (n, c).
+// with `convert` (`Identity`: copied as is, whole rows at a time); pads become `pad_value`.
+// Parallel over (n, c).
+struct Identity {
+    template <typename T>
+    T operator()(T v) const {
+        return v;
+    }
+};
 template <typename In, typename Out, typename Convert>
 void prepare_input(const ConvAttrs& attrs, const Geometry& geo, const In* x, Out* prepared, Out pad_value,
                    Convert convert);

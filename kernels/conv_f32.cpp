@@ -193,7 +193,7 @@ void ConvF32Kernel::run(const float* x, int64_t batch, int64_t in_h, int64_t in_
     const float* prepared = x;
     if (!geo.direct) {
         float* buffer = cache.prepared_buffer(geo.prepared_size);
-        prepare_input(attrs_, geo, x, buffer, 0.0f, [](float v) { return v; });
+        prepare_input(attrs_, geo, x, buffer, 0.0f, Identity{});
         prepared = buffer;
     }
     if (cache.resize_input(batch, in_h, in_w)) cache.offsets = term_offsets(attrs_, geo, encoding_);

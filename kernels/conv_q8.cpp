@@ -780,7 +780,7 @@ void ConvQ8Kernel::run_u8(const XT* x, int64_t batch, int64_t in_h, int64_t in_w
                           [](XT v) { return static_cast<uint8_t>(static_cast<int>(v) + 128); });
         else
             prepare_input(attrs_, geo, reinterpret_cast<const uint8_t*>(x), prepared,
-                          static_cast<uint8_t>(u8_zero_point_), [](uint8_t v) { return v; });
+                          static_cast<uint8_t>(u8_zero_point_), Identity{});
         input = prepared;
     }
     if (cache.resize_input(batch, in_h, in_w)) cache.offsets = term_offsets(attrs_, geo, u8_encoding_);

@@ -81,8 +81,8 @@ class ConvQ8Kernel {
     std::vector<int32_t> u8_groups_;       // pairs per int16 group
     std::vector<int64_t> u8_group_begin_;  // per sub-block: first group (size sub-blocks + 1)
     std::vector<int64_t> u8_sub_begin_;    // per block of encoding_: first sub-block of u8_encoding_
-    // quads: blocks whose 2-row sub-blocks all pair the same terms run two pairs per vpmaddubsw
-    // lane group (kernels/README.md, "Quads"): per block the number of quads (0: not a quad block)
+    // quads: blocks whose 2-row sub-blocks all pair the same terms take four terms (two pairs) per
+    // 32-bit lane (kernels/README.md, "Quads"): per block the number of quads (0: not a quad block)
     // and the first word of its weights, per sub-block, quad and row: bytes (w0, w1, w2, w3)
     std::vector<int64_t> u8_quads_, u8_quad_begin_;
     std::vector<int32_t> u8_quad_weights_;

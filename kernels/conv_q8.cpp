@@ -256,7 +256,7 @@ void chunk1_u8_avx2(const uint8_t* x, const int64_t* offsets, const int32_t* gro
 // ---- quads: a block's four-term groups packed once per 32-pixel chunk, read by all its sub-blocks ----
 // Packing interleaves the bytes of quad q's four input runs per pixel: vector k of a quad holds the
 // pixels 4k..4k+3 and 16+4k..16+4k+3, four bytes (x0, x1, x2, x3) each. An odd pair count ends
-// with a zero pair (its weights are 0). Returns the packed vectors (4 per quad).
+// with a zero pair (its weights are 0). Writes 4 vectors per quad to `packed`.
 void pack_quads(const uint8_t* x, const int64_t* offsets, int64_t pairs, __m256i* packed) {
     const __m256i zero = _mm256_setzero_si256();
     for (int64_t pair = 0; pair < pairs; pair += 2, offsets += 4, packed += 4) {

@@ -156,6 +156,11 @@ def test_regions_replay_their_first_run_with_the_same_results(digits_model, digi
         region(np.ascontiguousarray(inputs[3:6]))
         for a, b in zip(before, copies):
             np.testing.assert_array_equal(a, b)
+    # more input shapes than a region records: the oldest recordings go, the results stay right
+    for size in (1, 2, 4, 6, 7):
+        feeds = {"input": inputs[:size]}
+        check(session.run(None, feeds)[0], expected(feeds))
+    assert region.RECORDINGS == 4 and list(region._recorded) == [((size, 1, 8, 8),) for size in (2, 4, 6, 7)]
 
 
 def test_an_integer_max_pool_joins_the_region_unless_the_kernel_cannot_take_it(digits_integer, digits_test):

@@ -39,6 +39,7 @@ class Region:
     in use (a concurrent call) plans its own."""
 
     replay = True  # False: plan every run (for comparisons)
+    RECORDINGS = 4  # input shapes recorded for replay, each with its intermediates; a fifth drops the oldest
 
     chains: list[Chain] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
@@ -74,6 +75,7 @@ class Region:
         self._output_slots = [slot[name] for name in self.outputs]
         self._recorded: dict[tuple, list] = {}  # input shapes -> per chain (run, out array or None)
         self._replaying = threading.Lock()
+        self._recording = threading.Lock()
 
     def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         key = tuple(array.shape for array in arrays)
@@ -115,9 +117,13 @@ class Region:
             # next run would overwrite the caller's result); every other chain writes into the
             # array it wrote this time
             handed_out = {id(values[name]) for name in self.outputs}
-            self._recorded[key] = [
+            recording = [
                 (chain.run, None) if chain.matrix else (chain.kernel.run, None if id(array) in handed_out else array)
                 for chain, array in zip(self.chains, written)]
+            with self._recording:  # concurrent first runs
+                if len(self._recorded) >= self.RECORDINGS:
+                    self._recorded.pop(next(iter(self._recorded)))
+                self._recorded[key] = recording
         return tuple(values[name] for name in self.outputs)
 
     def _spare(self, position: int, chain: Chain, x: np.ndarray, spare: dict) -> np.ndarray | None:

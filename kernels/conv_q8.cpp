@@ -568,8 +568,7 @@ ConvQ8Kernel::ConvQ8Kernel(const ConvAttrs& attrs, const int8_t* weight, const i
 }
 
 void ConvQ8Kernel::build_u8_encoding(const int8_t* weight) {
-    const int64_t cg = attrs_.channels_per_group, kk = attrs_.kernel_positions();
-    const int64_t fan_in = cg * kk;
+    const int64_t fan_in = attrs_.channels_per_group * attrs_.kernel_positions();
     u8_zero_point_ = x_zero_point_ + (x_signed_ ? 128 : 0);
     // sum (x_u * w) over a row must fit int32: 255 * sum |w| < 2**31
     u8_bias_.assign(attrs_.out_channels, 0);
@@ -603,9 +602,8 @@ void ConvQ8Kernel::build_u8_encoding(const int8_t* weight) {
         const int64_t sub_rows = source.stride == 1 ? 1 : 2;
         for (int64_t r0 = 0; r0 < source.rows; r0 += sub_rows) {
             const int64_t rows = std::min(sub_rows, source.rows - r0);
-            auto value = [&](int64_t row, int64_t term) -> int64_t {
-                if (row >= rows) return 0;
-                return weight[((source.out0 + r0 + row) * cg + term / kk) * kk + term % kk];
+            auto value = [&](int64_t row, int64_t term) -> int64_t {  // a term indexes the row's fan-in
+                return row < rows ? weight[(source.out0 + r0 + row) * fan_in + term] : 0;
             };
             terms.clear();
             auto add_term = [&](int64_t term) {
@@ -713,7 +711,7 @@ void ConvQ8Kernel::add_quads(const Block& source, const int8_t* weight) {
     u8_quad_begin_.push_back(static_cast<int64_t>(u8_quad_weights_.size()));
     if (!quads) return;
     u8_max_quads_ = std::max(u8_max_quads_, quads);
-    const int64_t cg = attrs_.channels_per_group, kk = attrs_.kernel_positions();
+    const int64_t fan_in = attrs_.channels_per_group * attrs_.kernel_positions();
     for (int64_t sub = first; sub < last; ++sub) {
         const Block& part = u8_encoding_.blocks[sub];
         auto value = [&](int64_t row, int64_t pair, int64_t side) -> uint32_t {
@@ -721,8 +719,7 @@ void ConvQ8Kernel::add_quads(const Block& source, const int8_t* weight) {
             const int64_t* terms = u8_encoding_.terms.data() + part.term_begin + 2 * pair;
             // a pair with no second term repeats its first: its second weight is 0
             if (side == 1 && terms[1] == terms[0]) return 0;
-            const int64_t term = terms[side];
-            return static_cast<uint8_t>(weight[((part.out0 + row) * cg + term / kk) * kk + term % kk]);
+            return static_cast<uint8_t>(weight[(part.out0 + row) * fan_in + terms[side]]);
         };
         for (int64_t quad = 0; quad < quads; ++quad)
             for (int64_t row = 0; row < 2; ++row)
@@ -730,9 +727,13 @@ void ConvQ8Kernel::add_quads(const Block& source, const int8_t* weight) {
                     value(row, 2 * quad, 0) | value(row, 2 * quad, 1) << 8 | value(row, 2 * quad + 1, 0) << 16 |
                     value(row, 2 * quad + 1, 1) << 24));
     }
-    // the pair weights of these sub-blocks are not read: drop them
+    // the pair weights and int16 groups of these sub-blocks are not read: drop them
     u8_weights_.resize(head.weight_begin);
-    for (int64_t sub = first; sub < last; ++sub) u8_encoding_.blocks[sub].weight_begin = head.weight_begin;
+    u8_groups_.resize(u8_group_begin_[first]);
+    for (int64_t sub = first; sub < last; ++sub) {
+        u8_encoding_.blocks[sub].weight_begin = head.weight_begin;
+        u8_group_begin_[sub + 1] = u8_group_begin_[first];
+    }
 }
 
 void ConvQ8Kernel::set_residual_add(const ResidualAdd& add) {

@@ -26,17 +26,17 @@ from onnxsparse.quant.lower import lower_to_integer
 from onnxsparse.quant.quantize import quantize
 from onnxsparse.runner import random_inputs
 from onnxsparse.runtime.bench import bench
-from onnxsparse.runtime.costmodel import KernelChooser, choose_for_model
+from onnxsparse.runtime.costmodel import KernelChooser, ModelChoice, choose_for_model
 from onnxsparse.zoo import ZOO_MODELS, zoo_model_path
 
 RESNET_CASES = ["1x16:0.5", "1x16:0.75", "1x16:0.8", "1x16:0.9", "bank:16:0.75", "mcbbs:c2r4:0.75"]
 
 
-def packed_auto(model: onnx.ModelProto, threads: int) -> onnx.ModelProto:
+def packed_auto(model: onnx.ModelProto, threads: int) -> ModelChoice:
     """What `onnxsparse pack` does by default: measured per layer, then settled on the whole model."""
     chooser = KernelChooser(model, threads)
     packed = pack_model(model, choose_kernel=lambda node: chooser.choose(node).record()).model
-    return choose_for_model(packed, threads).model
+    return choose_for_model(packed, threads)
 
 
 def calibration(model: onnx.ModelProto) -> list[dict]:
@@ -55,7 +55,8 @@ def run_case(dense: onnx.ModelProto, case: str, precision: str, batch: int, thre
     if precision == "int8":
         pruned = lower_to_integer(quantize(pruned, calibration(dense), weight_bits=7))
     started = time.perf_counter()
-    packed = packed_auto(pruned, threads)
+    choice = packed_auto(pruned, threads)
+    packed = choice.model
     pack_seconds = time.perf_counter() - started
     result = bench(packed, dense, threads=threads, batch=batch, rounds=rounds, int8_baseline=int8_baseline)
     times = {t.name: t.median_ms for t in result.timings}
@@ -64,18 +65,19 @@ def run_case(dense: onnx.ModelProto, case: str, precision: str, batch: int, thre
             "ort_int8_ms": times.get("onnxruntime int8"),
             "vs_fp32": result.ratio("onnxruntime fp32"), "vs_int8": result.ratio("onnxruntime int8"),
             "sparse_layers": result.sparse_layers, "dense_layers": result.dense_layers, "regions": result.regions,
-            "max_output_difference": result.max_output_difference, "pack_seconds": pack_seconds}
+            "max_output_difference": result.max_output_difference, "pack_seconds": pack_seconds,
+            "variant": choice.chosen, "variant_ms": choice.times_ms}
 
 
 def print_rows(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     print(f"{'model':12} {'case':16} {'prec':5} {'batch':>5} {'packed ms':>10} {'ORT fp32':>9} {'ORT int8':>9} "
-          f"{'vs fp32':>8} {'vs int8':>8} {'sparse/dense layers':>20}")
+          f"{'vs fp32':>8} {'vs int8':>8} {'sparse/dense layers':>20}  pack chose")
     for row in rows:
         print(f"{row.get('model', 'resnet50'):12} {row['case']:16} {row['precision']:5} {row['batch']:>5} "
               f"{row['packed_ms']:>10.2f} {row['ort_fp32_ms']:>9.2f} {row['ort_int8_ms'] or float('nan'):>9.2f} "
               f"{row['vs_fp32']:>7.2f}x {row['vs_int8'] or float('nan'):>7.2f}x "
-              f"{row['sparse_layers']:>10}/{row['dense_layers']:<9}")
+              f"{row['sparse_layers']:>10}/{row['dense_layers']:<9}  {row.get('variant', '')}")
         sys.stdout.flush()
 
 

@@ -19,19 +19,9 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_clock.h"
+
 namespace {
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double clock_hz() {
-    constexpr long kIterations = 100000000;
-    long x = 0;
-    const auto start = std::chrono::steady_clock::now();
-    for (long i = 0; i < kIterations; ++i) asm volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
-    return 4.0 * kIterations / seconds_since(start);
-}
 
 // chunk4_avx2<3> of kernels/conv_f32.cpp: 4 rows x 24 pixels, weights broadcast.
 __attribute__((noinline, target("avx2,fma"))) void chunk4(const float* x, const int64_t* offsets, int64_t terms,
@@ -107,7 +97,7 @@ int main(int argc, char** argv) {
     Layer layer;
     std::printf("round  clock GHz  layer cycles/term  L1 cycles/term  (FMA peak: 6)\n");
     for (int round = 0; round < rounds; ++round) {
-        const double hz = clock_hz();
+        const double hz = clock_hz(100000000);
         double visits = 0;
         const double layer_s = layer.time(false, 100, &visits), l1_s = layer.time(true, 100, &visits);
         std::printf("%5d  %9.2f  %17.1f  %14.1f\n", round, hz / 1e9, layer_s * hz / visits, l1_s * hz / visits);

@@ -10,19 +10,7 @@
 #include <chrono>
 #include <cstdio>
 
-namespace {
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double clock_hz() {
-    constexpr long kIterations = 500000000;
-    long x = 0;
-    const auto start = std::chrono::steady_clock::now();
-    for (long i = 0; i < kIterations; ++i) asm volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
-    return 4.0 * kIterations / seconds_since(start);
-}
+#include "cpu_clock.h"
 
 #define OPS12(A, B)                                                                                              \
     A " %12, %0, %0\n\t" B " %12, %1, %1\n\t" A " %12, %2, %2\n\t" B " %12, %3, %3\n\t" A " %12, %4, %4\n\t" B \
@@ -44,11 +32,9 @@ double clock_hz() {
         sink = _mm256_add_epi32(sink, _mm256_add_epi32(r0, r11));                                                  \
     }
 
-}  // namespace
-
 __attribute__((target("avx2,fma"))) int main() {
     constexpr long kIterations = 50000000;
-    const double hz = clock_hz();
+    const double hz = clock_hz(500000000);
     std::printf("clock: %.2f GHz\n", hz / 1e9);
     const __m256i one = _mm256_set1_epi8(1);
     __m256i sink = _mm256_setzero_si256();

@@ -53,6 +53,7 @@ struct ConvAttrs {
 
     void validate() const;
     int64_t kernel_positions() const { return kernel_h * kernel_w; }
+    int64_t fan_in() const { return channels_per_group * kernel_positions(); }  // weights per output channel
     int64_t in_channels() const { return channels_per_group * groups; }
     int64_t out_per_group() const { return out_channels / groups; }
     // A 1x1 unpadded conv on a 1x1 input (a Gemm or MatMul row): one output pixel per image.

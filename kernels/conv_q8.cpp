@@ -568,7 +568,7 @@ ConvQ8Kernel::ConvQ8Kernel(const ConvAttrs& attrs, const int8_t* weight, const i
 }
 
 void ConvQ8Kernel::build_u8_encoding(const int8_t* weight) {
-    const int64_t fan_in = attrs_.channels_per_group * attrs_.kernel_positions();
+    const int64_t fan_in = attrs_.fan_in();
     u8_zero_point_ = x_zero_point_ + (x_signed_ ? 128 : 0);
     // sum (x_u * w) over a row must fit int32: 255 * sum |w| < 2**31
     u8_bias_.assign(attrs_.out_channels, 0);
@@ -711,7 +711,7 @@ void ConvQ8Kernel::add_quads(const Block& source, const int8_t* weight) {
     u8_quad_begin_.push_back(static_cast<int64_t>(u8_quad_weights_.size()));
     if (!quads) return;
     u8_max_quads_ = std::max(u8_max_quads_, quads);
-    const int64_t fan_in = attrs_.channels_per_group * attrs_.kernel_positions();
+    const int64_t fan_in = attrs_.fan_in();
     for (int64_t sub = first; sub < last; ++sub) {
         const Block& part = u8_encoding_.blocks[sub];
         auto value = [&](int64_t row, int64_t pair, int64_t side) -> uint32_t {

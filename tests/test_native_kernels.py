@@ -417,20 +417,29 @@ def test_conv_q8_mixed_signedness_and_no_bias(simd):
     np.testing.assert_array_equal(make_conv_q8(case, params, weight, None).run(x), expected)
 
 
-def test_conv_q8_requantization_is_exact_at_rounding_ties_and_saturation(simd):
+@pytest.mark.parametrize("height, width, pads", [
+    (16, 16, (0, 0, 0, 0)),  # one run per output channel
+    (9, 13, (0, 0, 1, 2)),  # padded: runs of 15 outputs (8, then the last 8 again)
+    (20, 5, (1, 0, 0, 2)),  # runs of 7 (shorter than a vector)
+    (6, 28, (0, 1, 0, 1)),  # runs of 30 (16, 8, the last 8)
+], ids=["direct", "runs15", "runs7", "runs30"])
+def test_conv_q8_requantization_is_exact_at_rounding_ties_and_saturation(height, width, pads, simd):
     """A 1x1 conv with one input channel makes acc = (x - x_zp) * w + bias directly; the multipliers
     put many results exactly on k + 1/2 (ties to even), near the float rounding limits, and past
-    the output range."""
+    the output range (with multipliers above and below 1/2: the epilogue clamps, or lets the
+    packing saturate). Padding splits the outputs into runs of every length the epilogue treats
+    apart; padded pixels are the zero point, so they add nothing."""
     from onnxsparse.quant.arithmetic import FixedPointMultiplier
 
     out_channels = 8
     multiplier = np.array([2**30, 2**30, 2**30, 1518500250, 1518500250, 2**31 - 1, 1234567890, 2**30], np.int64)
     shift = np.array([31, 32, 36, 40, 43, 42, 62, 20], np.int64)
     weight = np.array([1, -1, 3, 127, -128, 77, 100, 1], np.int8).reshape(out_channels, 1, 1, 1)
-    bias = np.array([0, 1, -7, 2**20, -(2**20), 12345, 0, 0], np.int32)
-    x = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
-    conv = _native.ConvQ8(weight, bias, 100, False, multiplier, shift, 3, False, (1, 1), (0, 0, 0, 0), (1, 1), 1)
-    accumulator = (x.astype(np.int64) - 100) * weight.reshape(1, -1, 1, 1).astype(np.int64) + bias.reshape(1, -1, 1, 1)
+    bias = np.array([0, 1, -7, 2**20, -(2**20), 12345, 0, 2**30], np.int32)  # the last: t far past int32
+    x = np.resize(np.arange(256, dtype=np.uint8), (1, 1, height, width))
+    conv = _native.ConvQ8(weight, bias, 100, False, multiplier, shift, 3, False, (1, 1), pads, (1, 1), 1)
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=100)
+    accumulator = (padded.astype(np.int64) - 100) * weight.reshape(1, -1, 1, 1).astype(np.int64) + bias.reshape(1, -1, 1, 1)
     rule = FixedPointMultiplier(multiplier.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
     expected = np.clip(rule.apply(accumulator) + 3, 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(conv.run(x), expected)

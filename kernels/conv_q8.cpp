@@ -315,6 +315,18 @@ __m128i widen4(const YT* values) {
     return std::is_signed<YT>::value ? _mm_cvtepi8_epi32(bytes) : _mm_cvtepu8_epi32(bytes);
 }
 
+// Eight outputs whose float32 bytes are exact except on the lanes in `near` (a bit per lane, close
+// to a rounding tie): those lanes take the int64 path, the others keep their bytes. The residual
+// is read before y8 (which may be it) is written.
+template <typename YT>
+void exact_lanes(int near, __m128i bytes, const int32_t* acc8, const YT* res8, YT* y8, const Requant& q) {
+    alignas(16) YT lanes[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), bytes);
+    for (int k = 0; k < 8; ++k)
+        if (near >> k & 1) epilogue_scalar(acc8 + k, lanes + k, res8 ? res8 + k : nullptr, q, 1);
+    std::memcpy(y8, lanes, 8 * sizeof(YT));
+}
+
 // Without a fused add: t = (acc + bias) * M in float32. Three roundings (acc + bias to float, M to
 // float, the product) give a relative error below 3.1 * 2**-24; where it matters, the exact value
 // lies within the output range (|.| <= 256), so |error| < 2**-14.3. Where t lies more than 2**-13
@@ -334,13 +346,11 @@ void epilogue_float_avx2(const int32_t* acc, YT* y, const Requant& q, int64_t le
         t = _mm256_min_ps(_mm256_max_ps(t, low), high);
         const __m256 rounded = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         const __m256 distance = _mm256_andnot_ps(sign, _mm256_sub_ps(t, rounded));
-        if (_mm256_movemask_ps(_mm256_cmp_ps(distance, safe, _CMP_GT_OQ))) {
-            epilogue_scalar(acc8, y8, static_cast<const YT*>(nullptr), q, 8);
-            return;
-        }
+        const int near = _mm256_movemask_ps(_mm256_cmp_ps(distance, safe, _CMP_GT_OQ));
         const __m256i out = _mm256_add_epi32(_mm256_cvtps_epi32(rounded), y_zp);
         const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(out), _mm256_extracti128_si256(out, 1));
         const __m128i bytes = std::is_signed<YT>::value ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);
+        if (near) return exact_lanes(near, bytes, acc8, static_cast<const YT*>(nullptr), y8, q);
         _mm_storel_epi64(reinterpret_cast<__m128i*>(y8), bytes);
     };
     // 32 outputs at a time: one tie test for all four vectors, one 32-byte store
@@ -413,13 +423,10 @@ void epilogue_add_float_avx2(const int32_t* acc, YT* y, const YT* residual, cons
         t2 = _mm256_min_ps(_mm256_max_ps(t2, add_low), add_high);
         const __m256 r2 = _mm256_round_ps(t2, kRound);
         near = _mm256_or_ps(near, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(t2, r2)), safe_add, _CMP_GT_OQ));
-        if (_mm256_movemask_ps(near)) {
-            epilogue_scalar(acc8, y8, res8, q, 8);
-            return;
-        }
         const __m256i out = _mm256_add_epi32(_mm256_cvtps_epi32(r2), out_zp);
         const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(out), _mm256_extracti128_si256(out, 1));
         const __m128i bytes = std::is_signed<YT>::value ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);
+        if (const int lanes = _mm256_movemask_ps(near)) return exact_lanes(lanes, bytes, acc8, res8, y8, q);
         _mm_storel_epi64(reinterpret_cast<__m128i*>(y8), bytes);
     };
     // The last 1-7 outputs as in epilogue_float_avx2, but y may be the residual itself: a run of 8

@@ -574,6 +574,37 @@ def test_max_pool_refuses_bad_arguments():
         pool.run(np.zeros((1, 1, 4, 4), np.uint8), np.zeros((1, 1, 2, 2), np.uint8))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int8])
+@pytest.mark.parametrize("shape", [(1, 2048, 7, 7), (3, 5, 1, 1), (2, 4, 3, 11)], ids=lambda s: "x".join(map(str, s)))
+def test_plane_sums(dtype, shape):
+    """Sums over each [H, W] plane (a global average pool's numerator): exact for 8-bit, float32
+    within rounding; planes shorter than and not a multiple of the eight running sums."""
+    rng = np.random.default_rng(5)
+    if dtype == np.float32:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = _native.plane_sums(x)
+        assert got.dtype == np.float32 and got.shape == shape[:2]
+        np.testing.assert_allclose(got, x.astype(np.float64).sum((2, 3)), rtol=1e-5, atol=1e-4)
+    else:
+        info = np.iinfo(dtype)
+        x = rng.integers(info.min, info.max + 1, shape).astype(dtype)
+        x[0, 0] = info.max  # a plane at the type's extreme
+        got = _native.plane_sums(x)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, x.astype(np.int64).sum((2, 3)))
+
+
+def test_plane_sums_refuses_bad_arrays():
+    with pytest.raises(ValueError, match="4-D"):
+        _native.plane_sums(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="float32, uint8 or int8"):
+        _native.plane_sums(np.zeros((1, 1, 2, 2), np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _native.plane_sums(np.zeros((1, 2, 4, 4), np.uint8)[..., ::2])
+    with pytest.raises(ValueError, match="numpy array"):
+        _native.plane_sums([1, 2, 3])
+
+
 # ---------------------------------------------------------------------------------------------
 # Pruned weights keep their structure; bad inputs are refused; SIMD selection
 # ---------------------------------------------------------------------------------------------

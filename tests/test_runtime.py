@@ -106,12 +106,50 @@ def test_layers_chosen_dense_stay_in_onnxruntime(digits_model, digits_test):
 def test_chains_that_feed_each_other_share_one_region(digits_model):
     session = InferenceSession(packed(onnxsparse.prune(digits_model, "1x16", 0.75)))
     regions = session.plan.partition.regions
-    # conv1..conv4 (with their ReLUs), the max pooling and conv5 are one region; the flatten, left
-    # to onnxruntime, splits it from the FCs
-    assert [len(region.chains) for region in regions] == [6, 2]
+    # conv1..conv4 (with their ReLUs), the max pooling, conv5 and both FCs are one region: the
+    # first FC takes in the global average pool and the flatten in front of it
+    assert [len(region.chains) for region in regions] == [8]
     custom = [n for n in session.plan.model.graph.node if n.domain == hosting.DOMAIN]
     left = {n.op_type for n in session.plan.model.graph.node}
-    assert len(custom) == 2 and not left & {"Conv", "Relu", "Gemm", "MaxPool"}, left
+    assert len(custom) == 1 and not left & {"Conv", "Relu", "Gemm", "MaxPool", "GlobalAveragePool", "Flatten"}, left
+
+
+def resnet_head(model: onnx.ModelProto, kernel: tuple[int, int]) -> onnx.ModelProto:
+    """The digits model with ResNet-50's head: its GlobalAveragePool an AveragePool of `kernel` (stride
+    2), its Flatten a Reshape to [0, -1]."""
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)
+    for node in edited.graph.node:
+        if node.op_type == "GlobalAveragePool":
+            node.op_type = "AveragePool"
+            node.attribute.extend([onnx.helper.make_attribute("kernel_shape", list(kernel)),
+                                   onnx.helper.make_attribute("strides", [2, 2])])
+        elif node.op_type == "Flatten":
+            node.op_type = "Reshape"
+            del node.attribute[:]
+            node.input.append("head_shape")
+    edited.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, -1], np.int64), "head_shape"))
+    return edited
+
+
+@pytest.mark.parametrize("kernel, joins", [((4, 4), True), ((3, 3), False)], ids=["whole_input", "one_corner"])
+def test_an_average_pool_over_the_whole_input_joins_the_fc_chain(digits_model, digits_test, kernel, joins):
+    """An average pool whose window is its whole input (4x4 here), then a reshape to 2-D, runs inside
+    the region with the Gemm after it; a 3x3 window (one output pixel too, but a corner of the input)
+    stays in onnxruntime. Float within 1e-4 of onnxruntime, integer bit for bit with the reference."""
+    model = resnet_head(onnxsparse.prune(digits_model, "1x16", 0.75), kernel)
+    integer = lower_to_integer(quantize(model, DIGITS_TRAIN, weight_bits=7))
+    feeds = {"input": digits_test.inputs[:9]}
+    for unpacked, pool in ((model, "AveragePool"), (integer, "QLinearAveragePool")):
+        session = InferenceSession(packed(unpacked), threads=2)
+        left = {node.op_type for node in session.plan.model.graph.node}
+        assert (pool in left) != joins and ("Reshape" in left) != joins, left
+        assert len(session.plan.partition.regions) == (1 if joins else 2)
+        got = session.run(None, feeds)[0]
+        if unpacked is model:
+            assert_close(got, ort_outputs(model, feeds)[0])
+        else:
+            np.testing.assert_array_equal(got, run_reference(integer, feeds)[0])
 
 
 @pytest.mark.parametrize("integer", [False, True], ids=["float", "integer"])

@@ -162,7 +162,7 @@ def partition(model: onnx.ModelProto, sparse_nodes: set[str], native,
             skipped.append((node.name, f"{node.op_type} has no native kernel"))
             continue
         try:
-            chain = builder(native, lookups, index, rank_of, taken)
+            chain = builder(native, lookups, index, rank_of, taken, shapes.get)
         except (Unsupported, ValueError) as exc:
             skipped.append((node.name, str(exc)))
             continue

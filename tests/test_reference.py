@@ -603,3 +603,20 @@ def test_supported_ops_cover_the_integer_form():
         assert ("", op) in SUPPORTED_OPS
     for op in ("QGemm", "QLinearAdd", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool"):
         assert (MS, op) in SUPPORTED_OPS
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2, 13, 31, 62])
+def test_shift_round_half_even_has_one_rule_for_one_shift_and_for_many(shift):
+    """The rounding rule's two paths (one shift for every value, and a shift per value) both round
+    v / 2**shift to nearest with ties to even, exactly, on random values and on every kind of tie."""
+    from fractions import Fraction
+
+    from onnxsparse.quant.arithmetic import shift_round_half_even
+
+    rng = np.random.default_rng(shift)
+    ties = [(2 * k + 1) << (shift - 1) for k in range(-40, 40)] if shift else []
+    values = [int(v) for v in rng.integers(-2**61, 2**61, 500)] + ties + [k << shift for k in range(-40, 40)]
+    values = np.array([v for v in values if abs(v) < 2**62], np.int64)
+    expected = np.array([round(Fraction(int(v), 2**shift)) for v in values], np.int64)
+    np.testing.assert_array_equal(shift_round_half_even(values, shift), expected)
+    np.testing.assert_array_equal(shift_round_half_even(values, np.full(values.shape, shift)), expected)

@@ -246,14 +246,22 @@ RIVAL_FACTOR = 1.08
 def decide(times: dict[str, list[float]]) -> tuple[str, bool]:
     """(the variant to keep, whether the decision was close) from per-round times (ms) of each
     variant, "all dense" among them. The speed-up is the median over rounds of each round's ratio to
-    all dense, as bench reports; the best variant is kept only when its median round wins by the
-    margin and at least three rounds in four are faster than all dense, else all dense."""
+    all dense, as bench reports; of two variants within RIVAL_FACTOR of each other, the one faster
+    head to head in the median round. It is kept only when its median round wins by the margin and
+    at least three rounds in four are faster than all dense, else all dense."""
     ratios = {name: [d / v for d, v in zip(times["all dense"], values)]
               for name, values in times.items() if name != "all dense"}
     if not ratios:
         return "all dense", False
     speedups = {name: statistics.median(values) for name, values in ratios.items()}
-    best = max(speedups, key=speedups.get)
+    ranked = sorted(speedups, key=speedups.get, reverse=True)
+    best = ranked[0]
+    if len(ranked) > 1 and speedups[ranked[1]] * RIVAL_FACTOR >= speedups[best]:
+        # two variants within a slow phase of each other: keep the one faster head to head (the
+        # median round's ratio of their own times, which all dense's run does not enter)
+        runner = ranked[1]
+        if statistics.median(r / b for r, b in zip(times[runner], times[best])) < 1.0:
+            best = runner
     margin = 1.0 / WIN_MARGIN
     close = margin / CLOSE_FACTOR <= speedups[best] <= margin * CLOSE_FACTOR
     rivals = sorted(speedups.values(), reverse=True)

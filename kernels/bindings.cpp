@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "conv_kernels.h"
 #include "pool.h"
@@ -32,6 +33,17 @@ py::array checked_array(const py::object& value, const char* name, int ndim) {
         throw ConvError(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + shape_text(array));
     if (!(array.flags() & py::array::c_style)) throw ConvError(std::string(name) + " must be C-contiguous");
     return array;
+}
+
+// fn(T{}) for the activation types the pooling steps take (float32, uint8, int8), else ValueError.
+template <typename F>
+py::array by_element_type(const py::object& x, F fn) {
+    if (!py::isinstance<py::array>(x)) throw ConvError("x must be a numpy array");
+    const py::dtype dtype = py::reinterpret_borrow<py::array>(x).dtype();
+    if (dtype.equal(py::dtype::of<float>())) return fn(float{});
+    if (dtype.equal(py::dtype::of<uint8_t>())) return fn(uint8_t{});
+    if (dtype.equal(py::dtype::of<int8_t>())) return fn(int8_t{});
+    throw ConvError("x must be float32, uint8 or int8, got " + py::str(dtype).cast<std::string>());
 }
 
 void check_shape(const py::array& array, const char* name, const std::vector<int64_t>& expected) {
@@ -264,12 +276,7 @@ class PyMaxPool {
 
     py::array run(const py::object& x_value, const py::object& residual, const py::object& out) const {
         if (!residual.is_none()) throw ConvError("MaxPool takes no residual");
-        if (!py::isinstance<py::array>(x_value)) throw ConvError("x must be a numpy array");
-        const py::dtype dtype = py::reinterpret_borrow<py::array>(x_value).dtype();
-        if (dtype.equal(py::dtype::of<float>())) return run_typed<float>(x_value, out);
-        if (dtype.equal(py::dtype::of<uint8_t>())) return run_typed<uint8_t>(x_value, out);
-        if (dtype.equal(py::dtype::of<int8_t>())) return run_typed<int8_t>(x_value, out);
-        throw ConvError("x must be float32, uint8 or int8, got " + py::str(dtype).cast<std::string>());
+        return by_element_type(x_value, [&](auto type) { return run_typed<decltype(type)>(x_value, out); });
     }
 
     py::tuple output_shape(const std::vector<int64_t>& input_shape) const { return as_tuple(shape_for(input_shape)); }
@@ -330,15 +337,14 @@ py::array byte_plane_sums(const py::array& x) {
 }
 
 py::array plane_sums(const py::object& value) {
-    if (!py::isinstance<py::array>(value)) throw ConvError("x must be a numpy array");
-    const py::array any = py::reinterpret_borrow<py::array>(value);
-    if (any.dtype().equal(py::dtype::of<float>()))
-        return plane_sums_of<float, float, float>(checked_array<float>(value, "x", 4));
-    if (any.dtype().equal(py::dtype::of<uint8_t>()))
-        return byte_plane_sums<uint8_t>(checked_array<uint8_t>(value, "x", 4));
-    if (any.dtype().equal(py::dtype::of<int8_t>()))
-        return byte_plane_sums<int8_t>(checked_array<int8_t>(value, "x", 4));
-    throw ConvError("x must be float32, uint8 or int8, got " + py::str(any.dtype()).cast<std::string>());
+    return by_element_type(value, [&](auto type) {
+        using T = decltype(type);
+        const py::array x = checked_array<T>(value, "x", 4);
+        if constexpr (std::is_same<T, float>::value)
+            return plane_sums_of<float, float, float>(x);
+        else
+            return byte_plane_sums<T>(x);
+    });
 }
 
 }  // namespace

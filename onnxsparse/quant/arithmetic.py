@@ -31,17 +31,13 @@ def shift_round_half_even(values: np.ndarray, shift: np.ndarray | int) -> np.nda
     if np.any(shift < 0) or np.any(shift > MAX_SHIFT):
         raise ValueError("shift must be in [0, 62]")
     if shift.ndim == 0:  # one shift for all: Python-int operands, a third of the time on small arrays
-        bits = int(shift)
-        floor = values >> bits
-        if bits == 0:
-            return floor
-        remainder = values - (floor << bits)
-        half = 1 << (bits - 1)
-        return floor + ((remainder > half) | ((remainder == half) & ((floor & 1) == 1)))
+        shift = int(shift)
+        half, shifted = (1 << (shift - 1) if shift else 1), shift > 0
+    else:
+        half, shifted = np.where(shift > 0, np.left_shift(np.int64(1), np.maximum(shift - 1, 0)), 1), shift > 0
     floor = values >> shift
     remainder = values - (floor << shift)
-    half = np.where(shift > 0, np.left_shift(np.int64(1), np.maximum(shift - 1, 0)), 1)
-    round_up = (remainder > half) | ((remainder == half) & (shift > 0) & ((floor & 1) == 1))
+    round_up = (remainder > half) | ((remainder == half) & shifted & ((floor & 1) == 1))
     return floor + round_up
 
 

@@ -18,7 +18,8 @@ import onnx
 from onnx import helper
 
 from onnxsparse import model as model_io
-from onnxsparse.quant.arithmetic import add_rescale, average_multiplier, requantize_multiplier, saturate
+from onnxsparse.quant.arithmetic import add_rescale, average_multiplier, requantize_multiplier
+from onnxsparse.quant.reference import requantized
 
 FLOAT_OPS = ("Conv", "Gemm", "MatMul")
 POOL_OPS = ("MaxPool",)  # when a native chain feeds them, or onnxruntime an 8-bit one (regions.partition)
@@ -200,8 +201,7 @@ class GlobalAverage:
             rule = self.rules.get(count)
             if rule is None:
                 rule = self.rules[count] = average_multiplier(x_scale, y_scale, count)
-            info = np.iinfo(dtype)
-            pooled = saturate(rule.apply(sums - x_zero * count) + y_zero, info.min, info.max, dtype)
+            pooled = requantized(sums - x_zero * count, rule, y_zero, dtype)
         if self.target is None:
             return pooled.reshape(pooled.shape[0], -1)
         shape = [pooled.shape[i] if size == 0 and i < pooled.ndim else size for i, size in enumerate(self.target)]
@@ -242,7 +242,7 @@ def _global_average_before(native, lookups: model_io.GraphIndex, node: onnx.Node
     if attrs.get("channels_last", 0):
         return None
     window = None
-    if pool.op_type.endswith("AveragePool") and not pool.op_type.endswith("GlobalAveragePool"):
+    if "Global" not in pool.op_type:
         # a window over the whole (unpadded) input: one output pixel whatever the strides or ceil_mode
         if (tuple(attrs.get("kernel_shape", ())) != tuple(source[2:]) or any(attrs.get("pads", [0])) or
                 attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
